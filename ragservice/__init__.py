@@ -1,0 +1,1 @@
+"""kaito.ragservice: The RAG HTTP service (issue 4)."""

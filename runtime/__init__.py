@@ -1,0 +1,1 @@
+"""kaito.runtime: The OpenAI-compatible inference server (issue 3)."""

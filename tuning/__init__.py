@@ -1,0 +1,1 @@
+"""kaito.tuning: The LoRA/QLoRA fine-tuning job (issue 5)."""
