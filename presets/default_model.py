@@ -61,6 +61,9 @@ def model_folder(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
     with FileLock(str(models / f".{name}.lock")):
         if (target / MARKER).is_file():  # another process finished it while we waited
             return target
+        for stale in models.glob(f".{name}.tmp-*"):  # left by a process that died mid-way; we hold the lock
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         _materialise(preset, _gguf_path(preset), target, quiet=quiet)
     return target
 
@@ -71,7 +74,7 @@ def _materialise(preset: ModelPreset, gguf: Path, target: Path, *, quiet: bool) 
 
     console = Console(stderr=True, quiet=quiet)
     start = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         with console.status(f"[1/3] reading {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB) and dequantising"):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Nothing is downloaded in tests: models come from packages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:

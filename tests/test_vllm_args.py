@@ -1,0 +1,112 @@
+"""The vLLM argument builder: computed flags, the user's overrides, and the errors."""
+
+import json
+
+import pytest
+
+from kaito.presets import InferenceConfig, PresetError, build_vllm_command, get_model, get_sku
+from helpers import run_cli
+
+
+def flags(model, sku=None, **kw):
+    return build_vllm_command(get_model(model), sku=get_sku(sku) if sku else None, **kw).flags
+
+
+def test_multi_node_pipeline_parallel_uses_ray():
+    f = flags("llama-3.3-70b-instruct", "Standard_NC24ads_A100_v4")
+    assert f["model"] == "meta-llama/Llama-3.3-70B-Instruct"
+    assert f["served-model-name"] == "llama-3.3-70b-instruct"
+    assert (f["tensor-parallel-size"], f["pipeline-parallel-size"]) == (1, 3)
+    assert f["distributed-executor-backend"] == "ray"
+    assert f["tool-call-parser"] == "llama3_json" and f["enable-auto-tool-choice"] is True
+    assert f["dtype"] == "bfloat16" and f["max-model-len"] == 131072
+
+
+def test_single_node_tensor_parallel():
+    f = flags("llama-3.3-70b-instruct", "Standard_NC96ads_A100_v4")
+    assert (f["tensor-parallel-size"], f["pipeline-parallel-size"]) == (4, 1)
+    assert "distributed-executor-backend" not in f and "data-parallel-size" not in f
+
+
+def test_data_parallel_and_reasoning_parser():
+    f = flags("phi-4-mini-instruct", "Standard_ND96amsr_A100_v4")
+    assert (f["tensor-parallel-size"], f["data-parallel-size"]) == (1, 8)
+    assert flags("deepseek-r1-distill-llama-8b", "Standard_NC24ads_A100_v4")["reasoning-parser"] == "deepseek_r1"
+
+
+def test_gpu_without_bf16_gets_fp16():
+    assert flags("llama-3.1-8b-instruct", "Standard_NC12s_v3")["dtype"] == "float16"
+    assert flags("gpt-oss-20b", "Standard_NC24ads_A100_v4")["dtype"] == "auto"
+
+
+def test_max_model_len_fits_the_kv_space():
+    # 2 x V100 16 GiB leave KV space for 53837 tokens of llama-3.1-8b, below its 131072 limit
+    assert flags("llama-3.1-8b-instruct", "Standard_NC12s_v3")["max-model-len"] == 53837
+
+
+def test_chat_template_for_models_without_one():
+    f = flags("falcon-7b-instruct", "Standard_NC24ads_A100_v4")
+    assert f["chat-template"].endswith("chat_templates/falcon-instruct.jinja")
+    assert "chat-template" not in flags("phi-4", "Standard_NC24ads_A100_v4")
+
+
+def test_user_overrides_win_and_false_drops_a_flag():
+    config = InferenceConfig(vllm={"max_model_len": 4096, "gpu-memory-utilization": 0.95, "enforce-eager": True,
+                                   "enable-auto-tool-choice": False, "--swap-space": 4})
+    cmd = build_vllm_command(get_model("phi-4"), sku=get_sku("Standard_NC24ads_A100_v4"), config=config)
+    assert cmd.flags["max-model-len"] == 4096 and cmd.estimate.context == 4096
+    argv = cmd.argv()
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.95"
+    assert "--enforce-eager" in argv and "--enable-auto-tool-choice" not in argv
+    assert argv[argv.index("--swap-space") + 1] == "4"
+
+
+def test_cpu_flags_and_kv_cache_env():
+    cmd = build_vllm_command(get_model("smollm2-135m-instruct"), model_path="/models/smol")
+    assert cmd.flags["model"] == "/models/smol" and cmd.flags["dtype"] == "bfloat16"
+    assert cmd.flags["max-model-len"] == 8192 and "tensor-parallel-size" not in cmd.flags
+    assert cmd.env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert cmd.estimate is None
+
+
+def test_errors():
+    with pytest.raises(PresetError, match="max-model-len 8192 exceeds phi-3-mini-4k-instruct's context limit of 4096"):
+        build_vllm_command(get_model("phi-3-mini-4k-instruct"), config=InferenceConfig(vllm={"max-model-len": 8192}))
+    with pytest.raises(PresetError, match="count is 1"):
+        build_vllm_command(get_model("llama-3.3-70b-instruct"), sku=get_sku("Standard_NC24ads_A100_v4"), node_count=1)
+    with pytest.raises(ValueError, match="vllm.port is set by kaito-serve"):
+        InferenceConfig(vllm={"port": 8000})
+    with pytest.raises(ValueError, match="max-model-len must be a positive integer"):
+        InferenceConfig(vllm={"max-model-len": "big"})
+
+
+def test_inference_config_file(tmp_path):
+    good = tmp_path / "inference_config.yaml"
+    good.write_text("vllm:\n  cpu-offload-gb: 0\n  gpu-memory-utilization: 0.95\n  swap-space: 4\n  max-model-len: 4096\n")
+    assert InferenceConfig.load(good).vllm["max-model-len"] == 4096
+    cases = {
+        "vllm: [1, 2\n": "not valid YAML",
+        "- a\n- b\n": "must hold a mapping",
+        "vllm: {}\nvlm: {}\n": "vlm: Extra inputs are not permitted",
+        "vllm:\n  max-model-len: -3\n": "positive integer",
+    }
+    for text, message in cases.items():
+        good.write_text(text)
+        with pytest.raises(PresetError, match=message):
+            InferenceConfig.load(good)
+    with pytest.raises(PresetError, match="cannot read inference config"):
+        InferenceConfig.load(tmp_path / "missing.yaml")
+
+
+def test_cli_vllm_args(tmp_path):
+    cfg = tmp_path / "inference_config.yaml"
+    cfg.write_text("vllm:\n  max-model-len: 4096\n")
+    done = run_cli("kaito-presets", "vllm-args", "phi-4", "--instance-type", "Standard_NV36ads_A10_v5",
+                   "--config", str(cfg), "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["flags"]["pipeline-parallel-size"] == 2 and data["flags"]["max-model-len"] == 4096
+    assert data["argv"][:2] == ["--model", "microsoft/phi-4"]
+    line = run_cli("kaito-presets", "vllm-args", "smollm2-135m-instruct")
+    assert line.returncode == 0 and line.stdout.startswith(
+        "VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model ")
