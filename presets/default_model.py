@@ -72,13 +72,15 @@ def _materialise(preset: ModelPreset, gguf: Path, target: Path, *, quiet: bool) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    console = Console(stderr=True, quiet=quiet)
+    console = Console(stderr=True, quiet=quiet, log_path=False)
     start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         with console.status(f"[1/3] reading {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB) and dequantising"):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+            # GGUF dequantises fastest to float32; the folder stores bf16 (what the presets serve).
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = model.to(torch.bfloat16)
         console.log(f"[1/3] loaded {preset.name} from {gguf.name}")
         # A GGUF-loaded model remembers its quantiser and refuses to save until both are cleared.
         model.hf_quantizer = None
@@ -96,6 +98,9 @@ def _materialise(preset: ModelPreset, gguf: Path, target: Path, *, quiet: bool) 
             "preset": preset.name, "hf_id": preset.hf_id, "source": preset.source.model_dump(),
             "gguf_bytes": gguf.stat().st_size, "dtype": "bfloat16",
         }, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is shared like any cache
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if target.exists():  # a folder without the marker is an interrupted older layout: replace it
             shutil.rmtree(target)
         os.replace(tmp, target)
