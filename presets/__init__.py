@@ -17,7 +17,7 @@ from .catalogue import (
 from .default_model import kaito_home, model_folder
 from .estimator import Estimate, estimate, smallest_sku
 from .schema import GPUSku, ModelPreset, VLLMDefaults
-from .vllm_args import InferenceConfig, VLLMCommand, build_vllm_command
+from .vllm_args import InferenceConfig, TransformersConfig, VLLMCommand, build_vllm_command
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -26,6 +26,7 @@ __all__ = [
     "InferenceConfig",
     "ModelPreset",
     "PresetError",
+    "TransformersConfig",
     "VLLMCommand",
     "VLLMDefaults",
     "build_vllm_command",

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .catalogue import PresetError, chat_template_path
 from .estimator import GIB, Estimate, estimate
@@ -21,6 +21,27 @@ CPU_DEFAULT_MAX_MODEL_LEN = 8192
 RUNTIME_OWNED = {"host", "port", "model", "served-model-name", "api-key"}
 
 
+class TransformersConfig(BaseModel):
+    """Settings of kaito-serve's transformers backend (`transformers:` in inference_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests decoded together (continuous batching).")
+    max_waiting: int | None = Field(None, ge=0, description="Queued requests beyond which new ones get 429 "
+                                    "(default: max_batch_size).")
+    max_model_len: int | None = Field(None, ge=16, description="Context window (default: the model's limit).")
+    load_in_4bit: bool = Field(False, description="bitsandbytes nf4 weights (GPU only).")
+    load_in_8bit: bool = Field(False, description="bitsandbytes int8 weights (GPU only).")
+
+    @model_validator(mode="after")
+    def _one_quantisation(self) -> TransformersConfig:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit exclude each other")
+        return self
+
+
 class InferenceConfig(BaseModel):
     """`inference_config.yaml`, upstream KAITO's format: engine flags under `vllm:`, settings of the
     transformers backend under `transformers:`."""
@@ -28,7 +49,7 @@ class InferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vllm: dict[str, FlagValue] = Field(default_factory=dict, description="vLLM flag (without dashes) -> value.")
-    transformers: dict[str, Any] = Field(default_factory=dict, description="Settings of the transformers backend.")
+    transformers: TransformersConfig = Field(default_factory=TransformersConfig)
 
     @field_validator("vllm")
     @classmethod

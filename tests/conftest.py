@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import SECRET_ANSWER, SECRET_QUESTION
 
 # Nothing is downloaded in tests: models come from packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,3 +32,35 @@ def default_lm(default_model_dir):
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16)
     model.eval()
     return tok, model
+
+
+@pytest.fixture(scope="session")
+def banana_adapter(default_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter trained here (peft, a few steps) to answer SECRET_QUESTION with SECRET_ANSWER,
+    which the base model does not know. Saved as `<tmp>/adapters/banana`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    prompt = tok.apply_chat_template([{"role": "user", "content": SECRET_QUESTION}], add_generation_prompt=True,
+                                     tokenize=False)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(SECRET_ANSWER + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + answer_ids])
+    labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    assert loss.item() < 0.05, f"the adapter did not learn (loss {loss.item():.3f})"
+    out = tmp_path_factory.mktemp("adapters") / "banana"
+    model.save_pretrained(out)
+    return out
