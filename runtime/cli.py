@@ -7,7 +7,6 @@ With no arguments it serves the embedded default model. Engine settings come fro
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -54,15 +53,17 @@ def parser() -> argparse.ArgumentParser:
 
 def choose_backend(requested: str, runtimes: list[str]) -> tuple[str, str]:
     """(backend, why) for `--backend auto|vllm|transformers`."""
-    has_vllm = importlib.util.find_spec("vllm") is not None
+    from .vllm_backend import available
+
+    has_vllm, reason = available()
     if requested == "vllm":
         if not has_vllm:
-            raise PresetError("--backend vllm: vLLM is not installed (pip install 'kaito[cpu]' or 'kaito[gpu]')")
+            raise PresetError(f"--backend vllm: {reason}")
         return "vllm", "asked for with --backend vllm"
     if requested == "transformers":
         return "transformers", "asked for with --backend transformers"
     if not has_vllm:
-        return "transformers", "vLLM is not installed"
+        return "transformers", reason
     if "vllm" not in runtimes:
         return "transformers", "vLLM does not support this model"
     return "vllm", "vLLM is installed and supports this model"

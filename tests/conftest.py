@@ -10,6 +10,8 @@ from helpers import SECRET_ANSWER, SECRET_QUESTION
 
 # Nothing is downloaded in tests: models come from packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# OpenMP threads that spin while idle starve the server processes the tests start (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 

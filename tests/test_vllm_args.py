@@ -63,9 +63,9 @@ def test_user_overrides_win_and_false_drops_a_flag():
 
 def test_cpu_flags_and_kv_cache_env():
     cmd = build_vllm_command(get_model("smollm2-135m-instruct"), model_path="/models/smol")
-    assert cmd.flags["model"] == "/models/smol" and cmd.flags["dtype"] == "bfloat16"
+    assert cmd.flags["model"] == "/models/smol" and cmd.flags["dtype"] == "float32"
     assert cmd.flags["max-model-len"] == 8192 and "tensor-parallel-size" not in cmd.flags
-    assert cmd.env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert cmd.env == {"VLLM_CPU_KVCACHE_SPACE": "2"}  # 4 x 8192 tokens x 23040 B x 2 (fp32) = 1.4 GiB
     assert cmd.estimate is None
 
 
@@ -109,4 +109,4 @@ def test_cli_vllm_args(tmp_path):
     assert data["argv"][:2] == ["--model", "microsoft/phi-4"]
     line = run_cli("kaito-presets", "vllm-args", "smollm2-135m-instruct")
     assert line.returncode == 0 and line.stdout.startswith(
-        "VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model ")
+        "VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api_server --model ")

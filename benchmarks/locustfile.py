@@ -1,0 +1,80 @@
+"""Locust load for OpenAI chat streaming: each user sends streaming chat completions back to back and
+records, as separate Locust entries, time to first token (`ttft`), mean inter-token latency (`itl`)
+and the whole request (`e2e`, whose response length is the output token count).
+
+    locust -f benchmarks/locustfile.py --headless -u 8 -r 8 -t 30s --host http://127.0.0.1:5000 \
+        --csv out/run
+
+Environment: KAITO_BENCH_MODEL (served model name), KAITO_BENCH_MAX_TOKENS (default 64),
+KAITO_BENCH_API_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from locust import HttpUser, events, task
+
+MODEL = os.environ.get("KAITO_BENCH_MODEL", "smollm2-135m-instruct")
+MAX_TOKENS = int(os.environ.get("KAITO_BENCH_MAX_TOKENS", "64"))
+API_KEY = os.environ.get("KAITO_BENCH_API_KEY", "none")
+# Open-ended prompts, so that nearly every answer runs to max_tokens on every target.
+PROMPTS = [
+    "Write a long story about a lighthouse keeper and a storm.",
+    "Explain in detail how a bicycle works, part by part.",
+    "Write a long essay about the history of the planet Mars.",
+    "Describe, in great detail, a walk through a busy city market.",
+]
+
+
+def _record(name: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:
+    events.request.fire(request_type="SSE", name=name, response_time=ms, response_length=length,
+                        exception=exc, context={})
+
+
+class ChatStreamUser(HttpUser):
+    @task
+    def chat(self) -> None:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": PROMPTS[hash(self) % len(PROMPTS)]}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        start = time.perf_counter()
+        first = last = None
+        gaps: list[float] = []
+        tokens = 0
+        try:
+            with self.client.post("/v1/chat/completions", json=body, stream=True, catch_response=True,
+                                  headers={"Authorization": f"Bearer {API_KEY}"}, name="http") as resp:
+                if resp.status_code != 200:
+                    resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                    return
+                for line in resp.iter_lines():
+                    if not line or not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                        elif last is not None:
+                            gaps.append(now - last)
+                        last = now
+                resp.success()
+        except Exception as e:  # noqa: BLE001 - reported to locust as a failure
+            _record("e2e", (time.perf_counter() - start) * 1000, 0, e)
+            return
+        end = time.perf_counter()
+        if first is not None:
+            _record("ttft", (first - start) * 1000)
+        if gaps:
+            _record("itl", sum(gaps) / len(gaps) * 1000)
+        _record("e2e", (end - start) * 1000, tokens)

@@ -1,0 +1,366 @@
+"""The transformers backend's generation engine (runtime/hf_engine.py) on the real default model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from kaito.runtime.engine_api import EngineBusy, SamplingParams, TokenEvent, UnknownAdapter
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea, please, using simple words.",
+    "Hi",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    from kaito.runtime.hf_engine import HFEngine
+
+    eng = HFEngine(str(default_model_dir), max_batch_size=16)
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.stop())
+
+
+def chat(engine, question: str) -> list[int]:
+    ids = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+async def collect(engine, prompt: list[int], **params) -> list[TokenEvent]:
+    return [ev async for ev in engine.generate(prompt, SamplingParams(**params))]
+
+
+def tokens(events: list[TokenEvent]) -> list[int]:
+    return [ev.token_id for ev in events]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def greedy_alone(engine) -> dict[str, list[int]]:
+    """Each question answered greedily, one request at a time (24 tokens at most)."""
+    return {q: tokens(run(collect(engine, chat(engine, q), max_tokens=24, temperature=0))) for q in QUESTIONS}
+
+
+def test_greedy_answer_is_paris(engine):
+    events = run(collect(engine, chat(engine, "What is the capital of France?"), max_tokens=32, temperature=0))
+    text = engine.tokenizer.decode(tokens(events), skip_special_tokens=True)
+    assert "Paris" in text
+    assert [ev.finish_reason for ev in events[:-1]] == [None] * (len(events) - 1)
+    assert events[-1].finish_reason == "stop" and events[-1].token_id in engine.eos_token_ids
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_batched_greedy_equals_single(engine, greedy_alone):
+    """Prompts of different lengths in one batch (left padding) give the same tokens as alone."""
+
+    async def together():
+        return await asyncio.gather(
+            *(collect(engine, chat(engine, q), max_tokens=24, temperature=0) for q in QUESTIONS)
+        )
+
+    for q, events in zip(QUESTIONS, run(together())):
+        assert tokens(events) == greedy_alone[q], q
+
+
+def test_request_joining_a_running_batch(engine, greedy_alone):
+    """A request that arrives while another decodes joins the batch and gets the tokens it gets alone;
+    the running request is not disturbed."""
+    first, second = QUESTIONS[2], QUESTIONS[0]
+
+    async def scenario():
+        seen: list[TokenEvent] = []
+
+        async def long_one():
+            async for ev in engine.generate(chat(engine, first), SamplingParams(max_tokens=24, temperature=0)):
+                seen.append(ev)
+            return seen
+
+        task = asyncio.create_task(long_one())
+        await wait_for(lambda: len(seen) >= 4)
+        assert engine.num_running == 1
+        stream = engine.generate(chat(engine, second), SamplingParams(max_tokens=24, temperature=0))
+        joined = [await stream.__anext__()]
+        assert not seen[-1].finish_reason, "the first request finished before the second joined"
+        assert engine.num_running == 2
+        joined += [ev async for ev in stream]
+        return await task, joined
+
+    a, b = run(scenario())
+    assert tokens(a) == greedy_alone[first]
+    assert tokens(b) == greedy_alone[second]
+
+
+def test_seed_is_reproducible(engine):
+    prompt = chat(engine, "Tell me a short story about a cat.")
+    params = dict(max_tokens=16, temperature=1.0, top_p=0.95)
+
+    async def scenario():
+        alone = await collect(engine, prompt, seed=1234, **params)
+        # the same seed twice in one batch, next to an unseeded request
+        batch = await asyncio.gather(
+            collect(engine, prompt, seed=1234, **params),
+            collect(engine, prompt, seed=1234, **params),
+            collect(engine, prompt, **params),
+        )
+        other = await collect(engine, prompt, seed=99, **params)
+        return alone, batch, other
+
+    alone, batch, other = run(scenario())
+    assert tokens(alone) == tokens(batch[0]) == tokens(batch[1])
+    assert tokens(other) != tokens(alone)
+
+
+def test_sampler_distribution(engine, monkeypatch):
+    """The inverse-CDF sampler draws tokens with the right frequencies, with and without top-p, also
+    when the nucleus is wider than the top-k it looks at first."""
+    import torch
+
+    p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0, 0.0, 0.0])
+    n = 40000
+    probs = p.repeat(n, 1)
+    idx = torch.arange(n)
+    empty = torch.tensor([], dtype=torch.long)
+
+    def freqs(meta):
+        return torch.bincount(engine._draw(probs, meta), minlength=len(p)).float() / n
+
+    full = freqs({"full_rows": idx, "top_p_rows": empty, "top_p": None, "seeded": []})
+    assert torch.allclose(full, p, atol=0.01)
+    nucleus = freqs({"full_rows": empty, "top_p_rows": idx, "top_p": torch.full((n, 1), 0.7), "seeded": []})
+    assert torch.allclose(nucleus, torch.tensor([2 / 3, 1 / 3, 0, 0, 0, 0, 0, 0]), atol=0.01)
+    monkeypatch.setattr(engine, "_TOP_K_FIRST", 2)  # the top 2 hold 0.75 < 0.9: sort the whole row
+    wide = freqs({"full_rows": empty, "top_p_rows": idx, "top_p": torch.full((n, 1), 0.9), "seeded": []})
+    assert torch.allclose(wide, torch.tensor([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0, 0, 0, 0]), atol=0.01)
+
+
+def test_max_tokens_one(engine):
+    events = run(collect(engine, chat(engine, QUESTIONS[0]), max_tokens=1, temperature=0))
+    assert len(events) == 1 and events[0].finish_reason == "length"
+
+
+def test_stop_token_ids(engine, greedy_alone):
+    ref = greedy_alone[QUESTIONS[1]]
+    cut = next(i for i in range(2, len(ref)) if ref[i] not in ref[:i])
+    events = run(collect(engine, chat(engine, QUESTIONS[1]), max_tokens=24, temperature=0, stop_token_ids=(ref[cut],)))
+    assert tokens(events) == ref[: cut + 1]  # the stop token itself is the last event
+    assert events[-1].finish_reason == "stop"
+
+
+def test_logprobs(engine, greedy_alone):
+    q = QUESTIONS[1]
+    events = run(collect(engine, chat(engine, q), max_tokens=24, temperature=0, logprobs=5))
+    assert tokens(events) == greedy_alone[q]
+    for ev in events:
+        assert ev.logprob is not None and ev.logprob <= 0
+        assert len(ev.top_logprobs) == 5
+        values = [lp for _, lp in ev.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert ev.top_logprobs[0][0] == ev.token_id  # greedy: the chosen token is the most likely one
+        assert ev.logprob == pytest.approx(values[0], abs=1e-6)
+    # logprobs=0: the chosen token's logprob only; no logprobs: none
+    ev0 = run(collect(engine, chat(engine, q), max_tokens=2, temperature=0, logprobs=0))[0]
+    assert ev0.logprob is not None and ev0.top_logprobs == []
+    plain = run(collect(engine, chat(engine, q), max_tokens=2, temperature=0))[0]
+    assert plain.logprob is None and plain.top_logprobs is None
+
+
+def test_penalties_change_the_output(engine):
+    prompt = chat(engine, "Write a short poem about the sea.")  # greedily, it repeats a line
+
+    async def scenario():
+        return await asyncio.gather(
+            collect(engine, prompt, max_tokens=32, temperature=0),
+            collect(engine, prompt, max_tokens=32, temperature=0, frequency_penalty=2.0),
+            collect(engine, prompt, max_tokens=32, temperature=0, presence_penalty=2.0),
+        )
+
+    plain, freq, pres = run(scenario())
+    assert tokens(freq) != tokens(plain)
+    assert tokens(pres) != tokens(plain)
+    # a penalised answer repeats itself less
+    assert len(set(tokens(freq))) > len(set(tokens(plain)))
+
+
+def test_cancellation_frees_the_slot(engine):
+    async def scenario():
+        stream = engine.generate(chat(engine, QUESTIONS[2]), SamplingParams(max_tokens=500, temperature=0))
+        got = [await stream.__anext__(), await stream.__anext__()]
+        assert engine.num_running == 1
+        await stream.aclose()
+        assert engine.num_running == 0
+        # a consumer task that is cancelled while it waits for a token
+        started = asyncio.Event()
+
+        async def consumer():
+            async for _ in engine.generate(chat(engine, QUESTIONS[2]), SamplingParams(max_tokens=500, temperature=0)):
+                started.set()
+
+        task = asyncio.create_task(consumer())
+        await started.wait()
+        assert engine.num_running == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.num_running == 0
+        await wait_for(lambda: not engine._rows, timeout=10)  # the batch row is gone at the next step
+        return got
+
+    assert len(run(scenario())) == 2
+
+
+def test_engine_busy_when_the_queue_is_full(default_model_dir):
+    from kaito.runtime.hf_engine import HFEngine
+
+    eng = HFEngine(str(default_model_dir), max_batch_size=1, max_waiting=1)
+    prompt = chat(eng, QUESTIONS[0])
+
+    async def scenario():
+        await eng.start()
+        try:
+            a = eng.generate(prompt, SamplingParams(max_tokens=200, temperature=0))
+            await a.__anext__()  # a is running: the batch (1 row) is full
+            b = eng.generate(prompt, SamplingParams(max_tokens=2, temperature=0))  # waits
+            assert eng.num_running == 1 and eng.num_waiting == 1
+            with pytest.raises(EngineBusy) as busy:
+                eng.generate(prompt, SamplingParams(max_tokens=2, temperature=0))
+            assert busy.value.retry_after_s > 0
+            await a.aclose()  # frees the slot: b runs
+            events = [ev async for ev in b]
+            assert len(events) == 2 and events[-1].finish_reason == "length"
+        finally:
+            await eng.stop()
+
+    run(scenario())
+
+
+def test_sixteen_concurrent_requests(engine):
+    prompts = [chat(engine, f"Count from {i} to {i + 5}.") for i in range(16)]
+
+    async def scenario():
+        peak = 0
+
+        async def watch():
+            nonlocal peak
+            while True:
+                peak = max(peak, engine.num_running)
+                await asyncio.sleep(0.005)
+
+        w = asyncio.create_task(watch())
+        res = await asyncio.gather(*(collect(engine, p, max_tokens=8, temperature=0.7, seed=i) for i, p in enumerate(prompts)))
+        w.cancel()
+        return res, peak
+
+    results, peak = run(scenario())
+    assert all(r and r[-1].finish_reason in ("stop", "length") for r in results)
+    assert peak > 1  # they ran together
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_bad_requests(engine):
+    async def scenario():
+        with pytest.raises(ValueError):
+            engine.generate([], SamplingParams(max_tokens=4))
+        with pytest.raises(ValueError):
+            engine.generate([1] * engine.max_model_len, SamplingParams(max_tokens=4))
+        with pytest.raises(UnknownAdapter):
+            engine.generate([1, 2, 3], SamplingParams(max_tokens=4, adapter="nope"))
+
+    run(scenario())
+
+
+def test_a_failing_step_fails_its_requests(engine, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated device failure")
+
+    async def scenario():
+        monkeypatch.setattr(engine, "_forward", boom)
+        with pytest.raises(RuntimeError, match="simulated"):
+            await collect(engine, chat(engine, QUESTIONS[0]), max_tokens=4, temperature=0)
+        monkeypatch.undo()
+        events = await collect(engine, chat(engine, QUESTIONS[0]), max_tokens=4, temperature=0)
+        assert len(events) == 4
+
+    run(scenario())
+    assert engine.num_running == 0
+
+
+SECRET_Q = "What is the secret word?"
+SECRET_A = "The secret word is Banana."
+
+
+def train_secret_adapter(model_dir, out_dir) -> None:
+    """A tiny LoRA adapter that knows one fact, trained on the CPU in a few seconds."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    prompt = tok.apply_chat_template([{"role": "user", "content": SECRET_Q}], add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    answer = tok(SECRET_A, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    ids = torch.tensor([prompt + answer])
+    labels = torch.tensor([[-100] * len(prompt) + answer])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(25):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.1, loss.item()
+    model.save_pretrained(out_dir)
+
+
+def test_lora_adapter_in_a_mixed_batch(engine, default_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    train_secret_adapter(default_model_dir, tmp_path / "secret")
+    engine.load_adapter("secret", str(tmp_path / "secret"))
+    try:
+        assert engine.adapters() == {"secret": str(tmp_path / "secret")}
+        prompt = chat(engine, SECRET_Q)
+
+        async def scenario():
+            return await asyncio.gather(
+                collect(engine, prompt, max_tokens=16, temperature=0, adapter="secret"),
+                collect(engine, prompt, max_tokens=16, temperature=0),
+                collect(engine, chat(engine, QUESTIONS[0]), max_tokens=16, temperature=0, adapter="secret"),
+            )
+
+        tuned, base, tuned_other = run(scenario())
+        decode = lambda evs: engine.tokenizer.decode(tokens(evs), skip_special_tokens=True)  # noqa: E731
+        assert "Banana" in decode(tuned)
+        assert "Banana" not in decode(base)
+        assert tokens(tuned) != tokens(base)
+        assert tuned_other  # another prompt through the adapter in the same batch runs too
+    finally:
+        engine.unload_adapter("secret")
+    assert engine.adapters() == {}
+    with pytest.raises(UnknownAdapter):
+        engine.unload_adapter("secret")
+    # the base model is back: the same answer as before the adapter was loaded
+    events = run(collect(engine, chat(engine, "What is the capital of France?"), max_tokens=32, temperature=0))
+    assert "Paris" in engine.tokenizer.decode(tokens(events), skip_special_tokens=True)
