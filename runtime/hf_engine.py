@@ -61,11 +61,11 @@ hybrids), encoder-decoder models, beam search. Sliding-window layers keep their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -159,7 +159,8 @@ def _cache_classes():
                 n = layer.length - first_col
                 k, v = layer.k_buf[:, :, first_col : layer.length], layer.v_buf[:, :, first_col : layer.length]
                 if rows is not None:
-                    k, v = k.index_select(0, rows), v.index_select(0, rows)
+                    idx = rows.to(k.device)  # layers can sit on different GPUs (device_map="auto")
+                    k, v = k.index_select(0, idx), v.index_select(0, idx)
                 kb = k.new_zeros((k.shape[0], k.shape[1], n + headroom, k.shape[3]))
                 vb = v.new_zeros((v.shape[0], v.shape[1], n + headroom, v.shape[3]))
                 kb[:, :, :n], vb[:, :, :n] = k, v
@@ -221,6 +222,10 @@ def _register_gqa_sdpa() -> None:
 # --------------------------------------------------------------------------------------------- requests
 
 
+class _AdapterGone(Exception):
+    """A row's adapter was unloaded between the check and the forward."""
+
+
 @dataclass(eq=False)
 class _Request:
     id: int
@@ -280,10 +285,8 @@ class _RequestStream:
         self._close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the interpreter may be shutting down
             self._close()
-        except Exception:  # interpreter shutting down
-            pass
 
 
 # --------------------------------------------------------------------------------------------- the engine
@@ -370,6 +373,9 @@ class HFEngine:
             # float32 goes through MKL (20 -> 60 GFLOP/s from 1 to 16 rows on the dev machine).
             log.warning("this CPU has no fast %s matmul: computing in float32", dtype)
             torch_dtype = torch.float32
+        if device.startswith("cuda") and torch_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bfloat16 support: computing in float16")
+            torch_dtype = torch.float16
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if device.startswith("cuda"):
             kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
@@ -388,8 +394,11 @@ class HFEngine:
         self.model.eval()
         self.model.requires_grad_(False)
         if self.model.config._attn_implementation == "sdpa" and device == "cpu":
-            _register_gqa_sdpa()
-            self.model.set_attn_implementation(_ATTN)
+            try:
+                _register_gqa_sdpa()
+                self.model.set_attn_implementation(_ATTN)
+            except Exception as e:  # noqa: BLE001 - a model that does not take custom attention functions
+                log.info("keeping transformers' sdpa attention: %s", e)
         self.device = self.model.get_input_embeddings().weight.device
         self.dtype = self.model.get_input_embeddings().weight.dtype
 
@@ -398,13 +407,16 @@ class HFEngine:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0]) \
             if self.model.get_output_embeddings() is not None else int(cfg.vocab_size)
         self._num_layers = int(cfg.num_hidden_layers)
-        limit = getattr(cfg, "max_position_embeddings", None) or 2048
+        limit = int(getattr(cfg, "max_position_embeddings", None) or 2048)
         if max_model_len is None:
-            self.max_model_len = int(limit)
+            self.max_model_len = limit
         else:
             if max_model_len < 2:
                 raise ValueError("max_model_len must be at least 2")
-            self.max_model_len = int(max_model_len)
+            if max_model_len > limit:
+                log.warning("max_model_len %d is beyond the model's %d positions: using %d", max_model_len, limit,
+                            limit)
+            self.max_model_len = min(int(max_model_len), limit)
 
         eos: set[int] = set()
         for src in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
@@ -645,20 +657,26 @@ class HFEngine:
                         log.exception("engine loop error")
                         self._fail_rows(e)
         finally:
-            err = RuntimeError("the engine stopped")
             items = []
             with self._cond:
                 waiting = list(self._waiting)
                 self._waiting.clear()
             for req in waiting + self._rows:
-                items += self._finish(req, err)
+                items += self._finish(req, RuntimeError("the engine stopped"))
             self._post(items)
             self._rows, self._cache, self._meta = [], None, None
+
+    @staticmethod
+    def _failure(error: BaseException) -> RuntimeError:
+        """One exception object per request (they are raised in different tasks)."""
+        err = RuntimeError(f"generation failed: {type(error).__name__}: {error}")
+        err.__cause__ = error
+        return err
 
     def _fail_rows(self, error: BaseException) -> None:
         items = []
         for req in self._rows:
-            items += self._finish(req, error)
+            items += self._finish(req, self._failure(error))
         self._post(items)
         self._rows, self._cache, self._start, self._last, self._meta = [], None, None, None, None
 
@@ -712,10 +730,24 @@ class HFEngine:
             cache = self._BatchCache(self._num_layers)
             logits = self._forward(ids, mask, pos, cache, reqs)
             tokens, lps = self._sample(logits, reqs, self._make_meta(reqs))
+        except _AdapterGone:  # fail the requests of the unloaded adapter, queue the others again
+            gone = [r for r in reqs if r.params.adapter is not None and r.params.adapter not in self._adapters]
+            for r in gone:
+                items += self._finish(r, UnknownAdapter(f"adapter {r.params.adapter!r} was unloaded"))
+            self._post(items)
+            with self._cond:
+                for r in reversed([r for r in reqs if r not in gone]):
+                    if r.cancelled:
+                        r.state = "done"
+                    else:
+                        r.state = "waiting"
+                        self._n_running -= 1
+                        self._waiting.appendleft(r)
+            return
         except Exception as e:
             log.exception("prefill failed")
             for r in reqs:
-                items += self._finish(r, e)
+                items += self._finish(r, self._failure(e))
             self._post(items)
             return
         self.prompt_tokens_total += sum(len(r.prompt) for r in reqs)
@@ -751,6 +783,9 @@ class HFEngine:
                 self._meta = self._make_meta(rows)
             logits = self._forward(self._last[:, None], mask, pos, self._cache, rows)
             tokens, lps = self._sample(logits, rows, self._meta)
+        except _AdapterGone:
+            self._drop([r for r in rows if r.params.adapter is not None and r.params.adapter not in self._adapters])
+            return
         except Exception as e:
             log.exception("decode step failed")
             self._fail_rows(e)
@@ -787,17 +822,19 @@ class HFEngine:
         self._last = self._last.index_select(0, sel)
 
     def _forward(self, ids, mask, pos, cache, rows) -> torch.Tensor:
-        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                      use_cache=True)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                  "past_key_values": cache, "use_cache": True}
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        with self._model_lock:
+        with self._model_lock:  # an adapter unloaded since the rows were checked: no forward
+            if any(r.params.adapter is not None and r.params.adapter not in self._adapters for r in rows):
+                raise _AdapterGone
             if self._peft is not None:
                 kwargs["adapter_names"] = [r.params.adapter or _BASE for r in rows]
                 out = self._peft(**kwargs)
             else:
                 out = self.model(**kwargs)
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :].to(self.device)  # device_map may put lm_head on another GPU
 
     # ----------------------------------------------------------------------------------------- sampling
 

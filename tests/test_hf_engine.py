@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import pytest
-
 from kaito.runtime.engine_api import EngineBusy, SamplingParams, TokenEvent, UnknownAdapter
 
 pytestmark = pytest.mark.slow
@@ -82,10 +81,12 @@ def test_batched_greedy_equals_single(engine, greedy_alone):
         assert tokens(events) == greedy_alone[q], q
 
 
-def test_request_joining_a_running_batch(engine, greedy_alone):
+@pytest.mark.parametrize("first, second", [(QUESTIONS[2], QUESTIONS[0]), (QUESTIONS[3], QUESTIONS[2])],
+                         ids=["shorter-prompt-joins", "longer-prompt-joins"])
+def test_request_joining_a_running_batch(engine, greedy_alone, first, second):
     """A request that arrives while another decodes joins the batch and gets the tokens it gets alone;
-    the running request is not disturbed."""
-    first, second = QUESTIONS[2], QUESTIONS[0]
+    the running request is not disturbed. The joining prompt is shorter than the batch's columns (it is
+    padded) or longer (the running rows are padded)."""
 
     async def scenario():
         seen: list[TokenEvent] = []
@@ -112,7 +113,7 @@ def test_request_joining_a_running_batch(engine, greedy_alone):
 
 def test_seed_is_reproducible(engine):
     prompt = chat(engine, "Tell me a short story about a cat.")
-    params = dict(max_tokens=16, temperature=1.0, top_p=0.95)
+    params = {"max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
 
     async def scenario():
         alone = await collect(engine, prompt, seed=1234, **params)
@@ -247,8 +248,14 @@ def test_engine_busy_when_the_queue_is_full(default_model_dir):
             await a.aclose()  # frees the slot: b runs
             events = [ev async for ev in b]
             assert len(events) == 2 and events[-1].finish_reason == "length"
+            # stopping the engine fails the requests it still holds
+            c = eng.generate(prompt, SamplingParams(max_tokens=200, temperature=0))
+            await c.__anext__()
         finally:
             await eng.stop()
+        with pytest.raises(RuntimeError, match="stopped"):
+            async for _ in c:
+                pass
 
     run(scenario())
 
@@ -309,24 +316,27 @@ SECRET_A = "The secret word is Banana."
 
 
 def train_secret_adapter(model_dir, out_dir) -> None:
-    """A tiny LoRA adapter that knows one fact, trained on the CPU in a few seconds."""
+    """A tiny LoRA adapter that knows one fact, trained on the CPU in a few seconds (LoRA on the last
+    6 layers only, so that the backward pass stops there)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                     task_type="CAUSAL_LM")
+    layers = model.config.num_hidden_layers
+    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     layers_to_transform=list(range(layers - 6, layers)))
     model = get_peft_model(model, cfg)
     prompt = tok.apply_chat_template([{"role": "user", "content": SECRET_Q}], add_generation_prompt=True, tokenize=True)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     answer = tok(SECRET_A, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     ids = torch.tensor([prompt + answer])
     labels = torch.tensor([[-100] * len(prompt) + answer])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()
-    for _ in range(25):
+    for _ in range(12):
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
@@ -351,13 +361,27 @@ def test_lora_adapter_in_a_mixed_batch(engine, default_model_dir, tmp_path):
             )
 
         tuned, base, tuned_other = run(scenario())
-        decode = lambda evs: engine.tokenizer.decode(tokens(evs), skip_special_tokens=True)  # noqa: E731
-        assert "Banana" in decode(tuned)
-        assert "Banana" not in decode(base)
+
+        def text(evs):
+            return engine.tokenizer.decode(tokens(evs), skip_special_tokens=True)
+
+        assert "Banana" in text(tuned)
+        assert "Banana" not in text(base)
         assert tokens(tuned) != tokens(base)
         assert tuned_other  # another prompt through the adapter in the same batch runs too
+
+        async def unload_midway():  # unloading the adapter fails the requests still using it
+            stream = engine.generate(prompt, SamplingParams(max_tokens=16, temperature=0, adapter="secret"))
+            await stream.__anext__()
+            engine.unload_adapter("secret")
+            with pytest.raises(UnknownAdapter):
+                async for _ in stream:
+                    pass
+
+        run(unload_midway())
     finally:
-        engine.unload_adapter("secret")
+        if "secret" in engine.adapters():
+            engine.unload_adapter("secret")
     assert engine.adapters() == {}
     with pytest.raises(UnknownAdapter):
         engine.unload_adapter("secret")
