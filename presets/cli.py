@@ -9,6 +9,7 @@ import sys
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .catalogue import DEFAULT_MODEL, PresetError, get_sku, models, resolve_model, skus
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except PresetError as e:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         return 2
     return 0
 

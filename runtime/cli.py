@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from kaito.presets import (
     DEFAULT_MODEL,
@@ -80,7 +81,7 @@ def resolve(args: argparse.Namespace) -> ServeOptions:
         preset = get_model(DEFAULT_MODEL)
         model_path = str(model_folder(DEFAULT_MODEL))
     backend, why = choose_backend(args.backend, preset.runtimes)
-    err.print(f"kaito-serve: {preset.name} from {model_path} on the {backend} backend ({why})")
+    err.print(f"kaito-serve: {preset.name} from {model_path} on the {backend} backend ({why})", markup=False)
     return ServeOptions(
         preset=preset,
         model_path=model_path,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             from .server import run
         return run(opts) or 0
     except (PresetError, AdapterError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
 
 

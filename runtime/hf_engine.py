@@ -3,21 +3,27 @@
 Design choice: our own step loop, not `transformers.generation.continuous_batching`
 ----------------------------------------------------------------------------------
 transformers 5.19 ships a continuous-batching manager (`model.init_continuous_batching()`, paged
-attention). We measured it first, on the development machine (2 CPU cores, AVX2, no GPU),
-SmolLM2-135M-Instruct in bf16, 64 new tokens, short chat prompts:
+attention). We measured it first on the development machine (2 shared CPU cores, AVX2, no GPU),
+SmolLM2-135M-Instruct, greedy, 64 new tokens, short chat prompts, tokens/s:
 
-    transformers CB (default config)      init > 40 s (sizes its static tensors for the host RAM)
-    transformers CB (num_blocks=64, page_size=64, max_batch_tokens=256, 16 requests a batch):
-        1 request 0.6 tok/s, 8 concurrent 8.7 tok/s, 16 concurrent 15.2 tok/s
-    model.generate, one request at a time: ~20 tok/s
+                                             1 at a time   8 concurrent   16 concurrent
+    transformers CB, bf16, default config    0.8           -              -   (init > 40 s: it sizes
+                                                                                  its tensors for the RAM)
+    transformers CB, bf16, tuned [1]         0.6           8.7            15.2
+    transformers CB, float32, tuned [1]      1.8           4.4            18.9
+    model.generate, float32, one at a time   14.6
+    this engine, float32                     15.2          45.3           60.6
 
-On the CPU its dense SDPA masks over the whole token budget make it slower at 16 concurrent
+    [1] num_blocks=64, page_size=64, max_batch_tokens=256, max_requests_per_batch=16
+
+On the CPU its SDPA path with dense masks over the token budget is slower at 16 concurrent
 requests than plain `generate` is for one. It also cannot do what `SamplingParams` asks per
 request: its per-request logits processors are temperature, top-k and top-p only; the seed is one
 per manager; logprobs are the chosen token's only (no top-k alternatives); there are no presence /
-frequency penalties, no extra stop ids per request, and no per-request LoRA adapter.
+frequency penalties, no extra stop ids per request and no per-request LoRA adapter. Per-request
+temperature/top-p did work (with `per_request_processors=True`).
 
-So the engine runs its own loop over the model's `forward` (numbers at the bottom):
+So the engine runs its own loop over the model's `forward`:
 
 * One background thread owns the model and the batch. Each iteration it (1) drops cancelled rows,
   (2) admits waiting requests while the batch has room and prefills them together (left-padded,
@@ -33,11 +39,13 @@ So the engine runs its own loop over the model's `forward` (numbers at the botto
   the leading columns no row needs any more. The 2-D attention mask and the position ids follow from
   start[] and the length, so the model sees exactly what a padded `generate` batch would see.
 * Sampling is per row, vectorised over the rows that need it: greedy rows (temperature 0) take an
-  argmax; sampled rows are scaled by their temperature, top-p filtered (only rows with top_p < 1
-  sort), and drawn with their own `torch.Generator` when they have a seed (same seed + same prompt
-  -> same text), or from the engine's generator. Presence/frequency penalties follow OpenAI:
-  `logit[t] -= presence * (count[t] > 0) + frequency * count[t]` over the tokens generated so far,
-  applied sparsely to the tokens seen. Logprobs are those of the model's raw distribution
+  argmax; sampled rows are scaled by their temperature and drawn by inverse CDF (one uniform number
+  a row, a cumulative sum, a binary search), the number coming from the request's own
+  `torch.Generator` when it has a seed (same seed + same prompt -> same text, whatever else is in
+  the batch) or from the engine's. Top-p rows look for the nucleus among their 256 most likely
+  tokens and sort the whole vocabulary only when those hold less than top_p. Presence/frequency
+  penalties follow OpenAI: `logit[t] -= presence * (count[t] > 0) + frequency * count[t]` over the
+  tokens generated so far, applied sparsely to the tokens seen. Logprobs are those of the model's raw distribution
   (log_softmax of the logits before penalties, temperature and top-p, as vLLM reports them by
   default); the top-k alternatives are sorted, most likely first. A batch of greedy rows without
   penalties or logprobs costs one argmax.
@@ -46,12 +54,27 @@ So the engine runs its own loop over the model's `forward` (numbers at the botto
   per row. The first `load_adapter` wraps the model, unloading the last one unwraps it.
 * Events go to the asyncio side through `loop.call_soon_threadsafe` (one callback per event loop
   per step) into a per-request `asyncio.Queue`; the event loop never waits on the model.
+* On a CPU without native half-precision matmul (AVX2-only x86: no AVX-512 / AMX / ARM bf16) the
+  model is computed in float32 even when bf16 is asked for (`cpu_half_fallback=True`): there torch
+  runs bf16 GEMMs in a generic kernel at a flat ~8 GFLOP/s, so 16 rows cost 16 times one row and
+  batching gains nothing, while float32 goes through MKL (a 576x1536 linear layer: 20 GFLOP/s for 1
+  row, 60 GFLOP/s for 16). On such a CPU float32 is faster even for a single request.
+* On the CPU, grouped-query attention with a padding mask runs through torch's SDPA with
+  `enable_gqa=True` (attention function "kaito_sdpa"); transformers' own SDPA path repeats the KV
+  heads whenever there is a mask, a copy of the whole cache per layer per step (5x slower attention
+  for 16 rows x 200 columns).
 
-Measured on the same machine (benchmarks/engine_batching.py, SmolLM2-135M-Instruct bf16, greedy,
-64 new tokens, short chat prompts; tokens/s over the whole run):
+Measured with benchmarks/engine_batching.py on the same machine (shared with other jobs, load
+average about 3; best of 3 interleaved rounds; 64 new tokens, greedy; every request generated all
+64 tokens), tokens/s and ratio to one-request-at-a-time `model.generate`:
 
-    one request at a time with model.generate   ~20 tok/s          (ratio 1.0)
-    this engine, 1 / 8 / 16 concurrent          see the benchmark's output in the project report
+    torch threads            generate fp32   generate bf16   engine 1    engine 8     engine 16
+    2 (torch's default)      14.6            10.4            15.2 1.0x   45.3 3.1x    60.6 4.2x (5.8x bf16)
+    1                        15.4            14.7            16.3 1.1x   58.5 3.8x    82.9 5.4x (5.6x bf16)
+
+Almost all of the time is the model's forward (the loop's own work -- masks, sampling, events,
+cache merges -- is about 1%); at 16 concurrent, prefilling the prompts is about a fifth of the run
+(no prefix caching: every chat prompt recomputes the same system prompt).
 
 Not supported: models whose cache is not a plain attention KV cache (Mamba / linear-attention
 hybrids), encoder-decoder models, beam search. Sliding-window layers keep their full history
@@ -682,7 +705,8 @@ class HFEngine:
 
     def _iteration(self) -> None:
         # 1. rows whose consumer went away, or whose adapter was unloaded
-        self._drop([r for r in self._rows if r.cancelled or (r.params.adapter and r.params.adapter not in self._adapters)])
+        self._drop([r for r in self._rows
+                    if r.cancelled or (r.params.adapter is not None and r.params.adapter not in self._adapters)])
         # 2. admit waiting requests
         if len(self._rows) < self.max_batch_size and self._waiting:
             self._admit()
@@ -853,11 +877,13 @@ class HFEngine:
         }
         if sampled:
             srows = [rows[i] for i in sampled]
-            meta["temps"] = torch.tensor([r.params.temperature for r in srows], dtype=torch.float32, device=dev)[:, None]
+            temps = [r.params.temperature for r in srows]
+            meta["temps"] = torch.tensor(temps, dtype=torch.float32, device=dev)[:, None]
             top_p = [j for j, r in enumerate(srows) if r.params.top_p < 1]
             full = [j for j, r in enumerate(srows) if r.params.top_p >= 1]
             meta["top_p_rows"] = torch.tensor(top_p, dtype=torch.long, device=dev)
-            meta["top_p"] = torch.tensor([srows[j].params.top_p for j in top_p], dtype=torch.float32, device=dev)[:, None]
+            top_ps = [srows[j].params.top_p for j in top_p]
+            meta["top_p"] = torch.tensor(top_ps, dtype=torch.float32, device=dev)[:, None]
             meta["full_rows"] = torch.tensor(full, dtype=torch.long, device=dev)
             meta["seeded"] = [(j, r.generator) for j, r in enumerate(srows) if r.generator is not None]
         if meta["lp_rows"]:
@@ -968,7 +994,8 @@ class HFEngine:
                 k = req.params.logprobs
                 top_lp = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
             if not req.cancelled:
-                items.append((req, TokenEvent(token_id=tok, logprob=logprob, top_logprobs=top_lp, finish_reason=finish)))
+                ev = TokenEvent(token_id=tok, logprob=logprob, top_logprobs=top_lp, finish_reason=finish)
+                items.append((req, ev))
             if finish is not None or req.cancelled:
                 self._finish(req)
             else:

@@ -273,7 +273,9 @@ def test_sixteen_concurrent_requests(engine):
                 await asyncio.sleep(0.005)
 
         w = asyncio.create_task(watch())
-        res = await asyncio.gather(*(collect(engine, p, max_tokens=8, temperature=0.7, seed=i) for i, p in enumerate(prompts)))
+        res = await asyncio.gather(
+            *(collect(engine, p, max_tokens=8, temperature=0.7, seed=i) for i, p in enumerate(prompts))
+        )
         w.cancel()
         return res, peak
 
