@@ -542,7 +542,7 @@ class HFEngine:
             try:
                 from peft import PeftModel
             except ImportError as e:  # pragma: no cover - depends on the install
-                raise RuntimeError("serving LoRA adapters needs peft: pip install 'kaito[tune]'") from e
+                raise RuntimeError("serving LoRA adapters needs peft: pip install 'kaito[hf]'") from e
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
                 self._peft.eval()
