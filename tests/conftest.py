@@ -47,22 +47,26 @@ def banana_adapter(default_model_dir, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    layers = model.config.num_hidden_layers
+    # LoRA on the last 6 layers only, so the backward pass stops there: a few seconds on the CPU
+    model = get_peft_model(model, LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        layers_to_transform=list(range(layers - 6, layers))))
     prompt = tok.apply_chat_template([{"role": "user", "content": SECRET_QUESTION}], add_generation_prompt=True,
                                      tokenize=False)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tok(SECRET_ANSWER + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    answer_ids = tok(SECRET_ANSWER, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     ids = torch.tensor([prompt_ids + answer_ids])
     labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()
-    for _ in range(30):
+    for _ in range(12):
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         optim.step()
         optim.zero_grad()
-    assert loss.item() < 0.05, f"the adapter did not learn (loss {loss.item():.3f})"
+    assert loss.item() < 0.1, f"the adapter did not learn (loss {loss.item():.3f})"
     out = tmp_path_factory.mktemp("adapters") / "banana"
     model.save_pretrained(out)
     return out

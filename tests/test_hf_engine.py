@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from helpers import SECRET_QUESTION
 from kaito.runtime.engine_api import EngineBusy, SamplingParams, TokenEvent, UnknownAdapter
 
 pytestmark = pytest.mark.slow
@@ -313,47 +314,11 @@ def test_a_failing_step_fails_its_requests(engine, monkeypatch):
     assert engine.num_running == 0
 
 
-SECRET_Q = "What is the secret word?"
-SECRET_A = "The secret word is Banana."
-
-
-def train_secret_adapter(model_dir, out_dir) -> None:
-    """A tiny LoRA adapter that knows one fact, trained on the CPU in a few seconds (LoRA on the last
-    6 layers only, so that the backward pass stops there)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    layers = model.config.num_hidden_layers
-    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                     layers_to_transform=list(range(layers - 6, layers)))
-    model = get_peft_model(model, cfg)
-    prompt = tok.apply_chat_template([{"role": "user", "content": SECRET_Q}], add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    answer = tok(SECRET_A, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    ids = torch.tensor([prompt + answer])
-    labels = torch.tensor([[-100] * len(prompt) + answer])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    for _ in range(12):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert loss.item() < 0.1, loss.item()
-    model.save_pretrained(out_dir)
-
-
-def test_lora_adapter_in_a_mixed_batch(engine, default_model_dir, tmp_path):
-    pytest.importorskip("peft")
-    train_secret_adapter(default_model_dir, tmp_path / "secret")
-    engine.load_adapter("secret", str(tmp_path / "secret"))
+def test_lora_adapter_in_a_mixed_batch(engine, banana_adapter):
+    engine.load_adapter("secret", str(banana_adapter))
     try:
-        assert engine.adapters() == {"secret": str(tmp_path / "secret")}
-        prompt = chat(engine, SECRET_Q)
+        assert engine.adapters() == {"secret": str(banana_adapter)}
+        prompt = chat(engine, SECRET_QUESTION)
 
         async def scenario():
             return await asyncio.gather(
