@@ -16,17 +16,11 @@ import os
 import time
 
 from locust import HttpUser, events, task
+from serving import PROMPTS  # locust puts this file's folder on sys.path
 
 MODEL = os.environ.get("KAITO_BENCH_MODEL", "smollm2-135m-instruct")
 MAX_TOKENS = int(os.environ.get("KAITO_BENCH_MAX_TOKENS", "64"))
 API_KEY = os.environ.get("KAITO_BENCH_API_KEY", "none")
-# Open-ended prompts, so that nearly every answer runs to max_tokens on every target.
-PROMPTS = [
-    "Write a long story about a lighthouse keeper and a storm.",
-    "Explain in detail how a bicycle works, part by part.",
-    "Write a long essay about the history of the planet Mars.",
-    "Describe, in great detail, a walk through a busy city market.",
-]
 
 
 def _record(name: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:

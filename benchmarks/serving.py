@@ -5,18 +5,23 @@
   kaito-hf    (c) kaito-serve, transformers backend (continuous batching)
   generate    (d) baseline: one request at a time with transformers `generate`, in this process
 
-Each server target is loaded with Locust (benchmarks/locustfile.py) for --duration seconds per
-concurrency. Writes CSV, a PNG chart and a markdown summary with the ratios the targets are judged
+Each server target is loaded for --duration seconds per concurrency with Locust
+(benchmarks/locustfile.py), or, where Locust is not installed (a GPU node without network), with the
+same requests from a small asyncio httpx client (--client httpx). Writes CSV, a PNG chart and a markdown summary with the ratios the targets are judged
 by: (a)/(b) throughput >= 0.97 and TTFT p50 overhead <= 5 ms; (c) at 16 >= 5x (d) and >= 0.6x (b).
 
     python benchmarks/serving.py                       # all targets, concurrency 1, 8, 16
     python benchmarks/serving.py --targets kaito-hf,generate --duration 20
+    python benchmarks/serving.py --targets kaito-hf,generate --client httpx   # e.g. on a GPU node
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
+import json
+import statistics
 import importlib.util
 import os
 import subprocess
@@ -30,6 +35,13 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 MODEL = "smollm2-135m-instruct"
 TARGETS = ["kaito-vllm", "vllm", "kaito-hf", "generate"]
+# Open-ended prompts, so that nearly every answer runs to max_tokens on every target (the locustfile's too).
+PROMPTS = [
+    "Write a long story about a lighthouse keeper and a storm.",
+    "Explain in detail how a bicycle works, part by part.",
+    "Write a long essay about the history of the planet Mars.",
+    "Describe, in great detail, a walk through a busy city market.",
+]
 LABELS = {"kaito-vllm": "(a) kaito-serve vLLM", "vllm": "(b) vLLM server", "kaito-hf": "(c) kaito-serve transformers",
           "generate": "(d) sequential generate"}
 
@@ -44,10 +56,11 @@ def free_port() -> int:
 
 def server_command(target: str, port: int, empty_dir: Path) -> tuple[list[str], dict[str, str]]:
     base = ["--host", "127.0.0.1", "--port", str(port)]
+    serve = [sys.executable, "-m", "kaito.runtime.cli", "--adapters-dir", str(empty_dir), *base]
     if target == "kaito-hf":
-        return [str(BIN / "kaito-serve"), "--backend", "transformers", "--adapters-dir", str(empty_dir), *base], {}
+        return [*serve, "--backend", "transformers"], {}
     if target == "kaito-vllm":
-        return [str(BIN / "kaito-serve"), "--backend", "vllm", "--adapters-dir", str(empty_dir), *base], {}
+        return [*serve, "--backend", "vllm"], {}
     # vLLM's own server with exactly the engine flags kaito computes, minus kaito's middleware
     from kaito.presets import get_model, model_folder
     from kaito.runtime.options import ServeOptions
@@ -102,24 +115,80 @@ def run_locust(port: int, users: int, duration: int, prefix: Path, max_tokens: i
             "itl_p50_ms": float(itl.get("50%", "nan") or "nan"), "e2e_p50_ms": float(e2e.get("50%", "nan") or "nan")}
 
 
+def run_httpx(port: int, users: int, duration: int, max_tokens: int) -> dict[str, float]:
+    """The locustfile's user, as asyncio tasks: `users` clients sending streaming chat requests back to
+    back for `duration` seconds (requests in flight at the end are finished and counted)."""
+    ttft, itl, e2e = [], [], []
+    counts = {"tokens": 0, "requests": 0, "failures": 0}
+
+    async def user(client: httpx.AsyncClient, n: int, stop_at: float) -> None:
+        while time.perf_counter() < stop_at:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}],
+                    "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            start = time.perf_counter()
+            first = last = None
+            gaps: list[float] = []
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    if resp.status_code != 200:
+                        counts["failures"] += 1
+                        await resp.aread()
+                        continue
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            counts["tokens"] += chunk["usage"]["completion_tokens"]
+                        if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                            now = time.perf_counter()
+                            if first is None:
+                                first = now
+                            elif last is not None:
+                                gaps.append(now - last)
+                            last = now
+            except httpx.HTTPError:
+                counts["failures"] += 1
+                continue
+            counts["requests"] += 1
+            e2e.append((time.perf_counter() - start) * 1000)
+            if first is not None:
+                ttft.append((first - start) * 1000)
+            if gaps:
+                itl.append(sum(gaps) / len(gaps) * 1000)
+
+    async def load() -> float:
+        limits = httpx.Limits(max_connections=users + 4)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300, limits=limits,
+                                     headers={"Authorization": "Bearer none"}) as client:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(user(client, n, t0 + duration) for n in range(users)))
+            return time.perf_counter() - t0
+
+    elapsed = asyncio.run(load())
+    p50 = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+    return {"requests": counts["requests"], "failures": counts["failures"], "out_tok_s": counts["tokens"] / elapsed,
+            "ttft_p50_ms": p50(ttft), "itl_p50_ms": p50(itl), "e2e_p50_ms": p50(e2e)}
+
+
 def run_generate(duration: int, max_tokens: int) -> dict[str, float]:
     """One request at a time with model.generate: the throughput a server without batching gets at any
-    concurrency (requests queue behind each other)."""
+    concurrency (requests queue behind each other). The model is loaded as the transformers backend
+    loads it (same device and dtype choice: bf16 on a GPU, float32 on a CPU without fast bf16)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kaito.presets import model_folder
+    from kaito.runtime.hf_engine import HFEngine
 
-    sys.path.insert(0, str(HERE))
-    from locustfile import PROMPTS
+    engine = HFEngine(str(model_folder()), max_batch_size=1)
+    model, tok = engine.model, engine.tokenizer
+    print(f"  generate baseline on {model.device} in {model.dtype}", flush=True)
 
-    folder = model_folder()
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     def inputs(i: int):
         text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                                        add_generation_prompt=True, tokenize=False)
-        return tok(text, return_tensors="pt", add_special_tokens=False)
+        return tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
 
     with torch.inference_mode():
         ttfts = []
@@ -136,9 +205,8 @@ def run_generate(duration: int, max_tokens: int) -> dict[str, float]:
             tokens += out.shape[1] - ids["input_ids"].shape[1]
             requests += 1
     elapsed = time.perf_counter() - start
-    ttfts.sort()
     return {"requests": requests, "failures": 0, "out_tok_s": tokens / elapsed,
-            "ttft_p50_ms": ttfts[len(ttfts) // 2], "itl_p50_ms": float("nan"), "e2e_p50_ms": float("nan")}
+            "ttft_p50_ms": statistics.median(ttfts), "itl_p50_ms": float("nan"), "e2e_p50_ms": float("nan")}
 
 
 def summary(results: list[dict], concurrencies: list[int]) -> str:
@@ -196,6 +264,9 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8,16")
     p.add_argument("--duration", type=int, default=30, help="seconds of load per concurrency")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--client", choices=["locust", "httpx"],
+                   default="locust" if importlib.util.find_spec("locust") else "httpx",
+                   help="load generator (default: locust when installed)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     targets = args.targets.split(",")
@@ -222,7 +293,10 @@ def main() -> None:
         try:
             warm_up(port)
             for c in concurrencies:
-                r = run_locust(port, c, args.duration, out / "raw" / f"{target}-c{c}", args.max_tokens)
+                if args.client == "locust":
+                    r = run_locust(port, c, args.duration, out / "raw" / f"{target}-c{c}", args.max_tokens)
+                else:
+                    r = run_httpx(port, c, args.duration, args.max_tokens)
                 print(f"  c={c}: {r['out_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, "
                       f"{r['requests']} requests, {r['failures']} failures", flush=True)
                 results.append({"target": target, "concurrency": c, **r})

@@ -30,7 +30,9 @@ def free_port() -> int:
 
 
 class Server:
-    """A `kaito-serve` process on 127.0.0.1, started as a user would and stopped at the end."""
+    """A `kaito-serve` process on 127.0.0.1, started as a user would and stopped at the end. It runs in
+    its own session, so engine processes it starts (vLLM's engine core and workers) are stopped with it;
+    `loading` keeps what /health answered before the model was ready, `start_s` how long that took."""
 
     def __init__(self, *args: str, env: dict | None = None, log_path: Path | None = None) -> None:
         import os
@@ -39,35 +41,48 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         exe = shutil.which("kaito-serve", path=str(BIN))
         self.log_path = log_path or Path(f"/tmp/kaito-serve-{self.port}.log")
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(self.port), *args],
-                                     env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(self.port), *args],
+                                         env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.loading: list = []
+        self.start_s = 0.0
 
     def wait_ready(self, timeout: float = 300) -> Server:
         import time
 
         import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kaito-serve exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.url}/health", timeout=5)
+                if r.status_code == 200:
+                    self.start_s = time.monotonic() - t0
                     return self
+                self.loading.append(r)
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"kaito-serve not ready after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text()[-5000:]
+        return self.log_path.read_text(errors="replace")[-6000:]
 
     def stop(self) -> None:
-        self.proc.terminate()
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.terminate()  # as Kubernetes does: SIGTERM to kaito-serve only
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # engine processes left behind, if any
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)

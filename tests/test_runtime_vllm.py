@@ -15,23 +15,16 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-# torch's OpenMP threads spin while they wait: on 2 cores shared with another busy process a LoRA
-# training step (conftest's banana_adapter) took 17 s instead of 0.9 s. Set before torch is imported
-# (importing vllm imports it); the server below gets the caller's environment without it.
-_SET_OMP = "OMP_WAIT_POLICY" not in os.environ
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 pytest.importorskip("vllm", reason="vLLM is not installed (extra `cpu` or `gpu`): the vLLM backend cannot run")
 
 import httpx
 import openai
-from helpers import BIN, SECRET_QUESTION, free_port
+from helpers import SECRET_QUESTION, Server
 from kaito.presets import DEFAULT_MODEL, InferenceConfig, get_model, kaito_home
 from kaito.runtime.adapters import AdapterError
 from kaito.runtime.options import ServeOptions
@@ -47,63 +40,13 @@ MAX_NUM_SEQS = 8
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
-class VLLMServer:
-    """A kaito-serve process in its own session (vLLM's engine core and worker are its children, so
-    the whole group is stopped at the end); records what /health answered while loading."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [str(BIN / "kaito-serve"), "--backend", "vllm", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        env = {**os.environ, **env}
-        if _SET_OMP:
-            env.pop("OMP_WAIT_POLICY", None)
-        with open(log_path, "w") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.loading: list[httpx.Response] = []
-        self.start_s = 0.0
-
-    def wait_ready(self, timeout: float) -> VLLMServer:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kaito-serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                r = httpx.get(f"{self.url}/health", timeout=5)
-                if r.status_code == 200:
-                    self.start_s = time.monotonic() - t0
-                    return self
-                self.loading.append(r)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"kaito-serve (vLLM) not healthy after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # as Kubernetes does: SIGTERM to kaito-serve only
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # engine processes left behind, if any
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_dir, banana_adapter):
     tmp = tmp_path_factory.mktemp("vllm")
     config = tmp / "inference_config.yaml"
     config.write_text(f"vllm:\n  dtype: float32\n  max-num-seqs: {MAX_NUM_SEQS}\n")
-    srv = VLLMServer(["--config", str(config), "--adapters-dir", str(banana_adapter.parent)],
-                     log_path=tmp / "kaito-serve.log", env={"KAITO_API_KEY": KEY})
+    srv = Server("--backend", "vllm", "--config", str(config), "--adapters-dir", str(banana_adapter.parent),
+                 log_path=tmp / "kaito-serve.log", env={"KAITO_API_KEY": KEY})
     try:
         yield srv.wait_ready(timeout=600)  # about 45 s here with LoRA on (no torch.compile)
     finally:
@@ -196,7 +139,7 @@ def test_available():
 def test_sigterm_while_loading_stops_everything(tmp_path):
     """While the engine loads, /health is 503; SIGTERM then ends kaito-serve and the engine
     processes it started (vLLM's own handler would be swallowed and the server would come up)."""
-    srv = VLLMServer(["--adapters-dir", str(tmp_path / "none")], log_path=tmp_path / "log", env={})
+    srv = Server("--backend", "vllm", "--adapters-dir", str(tmp_path / "none"), log_path=tmp_path / "log")
     try:
         t0 = time.monotonic()
         while not srv.loading and time.monotonic() - t0 < 120:
