@@ -91,6 +91,12 @@ def cmd_model_folder(args: argparse.Namespace) -> None:
     print(model_folder(args.name))
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from .default_model import download
+
+    print(download(args.name))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kaito-presets", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -127,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = add("model-folder", cmd_model_folder, "materialise a packaged model (the embedded default) and print its folder")
     sp.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    sp = add("download", cmd_download, "fetch a preset's weights (hub cache, or the packaged model's folder); print it")
+    sp.add_argument("name")
     return p
 
 

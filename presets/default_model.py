@@ -68,6 +68,29 @@ def model_folder(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
     return target
 
 
+# What a served model needs from its hub repository (not the original/ checkpoints, *.pth, GGUF, ...).
+HUB_FILES = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+
+
+def download(name: str) -> Path:
+    """The local weights folder of a preset: packaged presets are materialised (model_folder), the others
+    downloaded from the Hugging Face hub into its cache (HF_HOME; HF_TOKEN for gated models), with
+    progress. Used by images that bake a preset's weights in."""
+    preset = get_model(name)
+    if preset.source is not None:
+        return model_folder(name)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise PresetError("downloading weights needs huggingface_hub: install kaito[hf]") from e
+    if preset.requires_token and not os.environ.get("HF_TOKEN"):
+        raise PresetError(f"{name} ({preset.hf_id}) is gated: set HF_TOKEN to a token that was granted access")
+    try:
+        return Path(snapshot_download(preset.hf_id, allow_patterns=HUB_FILES, ignore_patterns=["original/*"]))
+    except Exception as e:  # network, auth, offline mode: one clear line instead of a traceback
+        raise PresetError(f"could not download {preset.hf_id}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
 def _materialise(preset: ModelPreset, gguf: Path, target: Path, *, quiet: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

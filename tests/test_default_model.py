@@ -78,3 +78,18 @@ def test_cli_model_folder(default_model_dir):
     done = run_cli("kaito-presets", "model-folder")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(default_model_dir)
+
+
+def test_cli_download(default_model_dir, tmp_path):
+    """`kaito-presets download` (what images run to bake weights in): the packaged default is its
+    folder; a hub preset that cannot be fetched (offline here) is one clear error, no traceback."""
+    done = run_cli("kaito-presets", "download", "smollm2-135m-instruct")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(default_model_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    done = run_cli("kaito-presets", "download", "phi-4-mini-instruct", env=env)
+    assert done.returncode == 2
+    assert "could not download microsoft/Phi-4-mini-instruct" in done.stderr and "Traceback" not in done.stderr
+    env.pop("HF_TOKEN", None)
+    done = run_cli("kaito-presets", "download", "llama-3.1-8b-instruct", env=env)
+    assert done.returncode == 2 and "gated: set HF_TOKEN" in done.stderr, done.stderr
