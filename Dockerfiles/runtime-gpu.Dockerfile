@@ -10,7 +10,7 @@ ENV PIP_NO_CACHE_DIR=1 KAITO_VENV=/opt/kaito KAITO_EDITABLE=0 KAITO_DEFAULT_MODE
     KAITO_HOME=/opt/kaito-home HF_HOME=/opt/kaito-home/hf
 WORKDIR /src
 COPY . .
-RUN bash scripts/setup.sh gpu,hf
+RUN bash scripts/setup.sh gpu
 ARG PRESET=phi-4-mini-instruct
 ARG MODEL_SOURCE=bake
 RUN --mount=type=secret,id=HF_TOKEN,required=false mkdir -p /opt/kaito-home \
