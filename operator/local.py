@@ -152,7 +152,12 @@ class LocalRunner:
                 self._stop(folder, record)
                 action = "configured"
             check(res, lookup=lookup)
-            record = self._start(res, manifests, folder, cpu)
+            try:
+                record = self._start(res, manifests, folder, cpu)
+            except Exception:
+                if not (folder / "record.json").is_file():  # refused before it started: leave nothing behind
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
             where = f" on {record.url}" if record.url else ""
             out.append(f"{res.kind.lower()}.kaito.sh/{res.name} {action} ({Path(record.command[0]).name}{where})")
         return out
