@@ -3,6 +3,7 @@
   kaito-operator validate -f FILE                 check resources (upstream KAITO's rules)
   kaito-operator render -f FILE [-o yaml|json]    the Kubernetes objects they become (like `helm template`)
   kaito-operator crds                             the CustomResourceDefinitions
+  kaito-operator webhook [--tls-cert C --tls-key K]   the validating admission webhook (POST /validate)
   kaito-operator local apply -f FILE [--cpu] [--wait]   run them on this machine
   kaito-operator local get [NAME] [-o yaml|json]  state and conditions, like `kubectl get`
   kaito-operator local logs NAME [-f]             the process output
@@ -15,15 +16,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import yaml
+from kaito.presets import PresetError
+from kaito.presets.logs import setup_logging
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from kaito.presets import PresetError
-from kaito.presets.logs import setup_logging
 
 from .crds import crds_yaml
 from .local import LocalError, LocalRunner
@@ -82,6 +81,17 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_crds(args: argparse.Namespace) -> int:
     sys.stdout.write(crds_yaml())
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from .webhook import serve
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise LocalError("give both --tls-cert and --tls-key (the API server calls webhooks over HTTPS)")
+    err.print(f"kaito-operator: admission webhook on {'https' if args.tls_cert else 'http'}://{args.host}:{args.port}"
+              "/validate", markup=False)
+    serve(args.host, args.port, args.tls_cert, args.tls_key)
     return 0
 
 
@@ -184,6 +194,13 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
     c.set_defaults(func=cmd_crds)
+
+    w = sub.add_parser("webhook", help="serve the validating admission webhook")
+    w.add_argument("--host", default="0.0.0.0")
+    w.add_argument("--port", type=int, default=9443)
+    w.add_argument("--tls-cert", help="PEM certificate (HTTPS)")
+    w.add_argument("--tls-key", help="PEM private key")
+    w.set_defaults(func=cmd_webhook)
 
     local = sub.add_parser("local", help="run resources on this machine, without a cluster")
     lsub = local.add_subparsers(dest="local_command", required=True)

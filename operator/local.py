@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
-
 from kaito.presets import kaito_home
+from pydantic import BaseModel
 
 from .api import Condition, RAGEngine, Resource, Workspace
 from .manifests import Manifests, parse
@@ -69,7 +68,7 @@ def gpu_count() -> int:
     if not smi:
         return 0
     try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
@@ -137,7 +136,7 @@ class LocalRunner:
     def apply(self, manifests: Manifests, *, cpu: bool = False) -> list[str]:
         """Start (or restart, when changed) every resource in `manifests`; workspaces first, so a
         RAGEngine can be pointed at them. Returns one line per resource, kubectl-style."""
-        lookup = lambda kind, name: manifests.find(kind, name)  # noqa: E731
+        lookup = lambda kind, name: manifests.find(kind, name)
         out = []
         for res in sorted(manifests.resources, key=lambda r: isinstance(r, RAGEngine)):
             folder = self.folder(res.kind, res.namespace, res.name)
@@ -171,7 +170,7 @@ class LocalRunner:
         return resource, record
 
     def _start(self, res: Resource, manifests: Manifests, folder: Path, cpu: bool) -> Record:
-        lookup = lambda kind, name: manifests.find(kind, name)  # noqa: E731
+        lookup = lambda kind, name: manifests.find(kind, name)
         work = folder / "work"
         env = dict(os.environ)
         output_dir = None
@@ -210,15 +209,14 @@ class LocalRunner:
             command = [_exe("kaito-rag"), "--host", "127.0.0.1", "--port", str(port)]
             role = "rag"
         (folder / "resource.yaml").write_text(yaml.safe_dump(res.dump(), sort_keys=False))
-        log = open(folder / "log", "ab")
         (folder / "exit_code").unlink(missing_ok=True)
         # sh waits for the entry point and writes its exit code, so a later `get` can tell a crash
         # from a clean exit; the new session makes it a process group `delete` can stop as a whole
         wrapper = ["/bin/sh", "-c", '"$@"; echo $? > "$KAITO_EXIT_FILE"', "kaito-local", *command]
         env["KAITO_EXIT_FILE"] = str(folder / "exit_code")
-        proc = subprocess.Popen(wrapper, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        with open(folder / "log", "ab") as log:
+            proc = subprocess.Popen(wrapper, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         record = Record(kind=res.kind, name=res.name, namespace=res.namespace, role=role, command=command,
                         pid=proc.pid, start_ticks=_start_ticks(proc.pid) or 0, port=port,
                         url=f"http://127.0.0.1:{port}" if port else None, started=time.time(), cpu=cpu,

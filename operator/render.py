@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
-
 from kaito.presets import Estimate, GPUSku, InferenceConfig, ModelPreset, build_vllm_command, get_sku
 from kaito.presets.estimator import estimate
+from pydantic import BaseModel
 
 from .api import AdapterSpec, DataDestination, DataSource, LabelSelector, RAGEngine, Resource, Workspace
 from .validation import (
@@ -334,8 +333,8 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
         assert src is not None and src.name
         if src.image:  # upstream's convention: the adapter lies under /data in the image
             init.append({"name": f"adapter-{src.name}"[:63], "image": src.image,
-                         "command": ["sh", "-c", f"mkdir -p {ADAPTERS_DIR}/{src.name} && "
-                                                 f"cp -r /data/. {ADAPTERS_DIR}/{src.name}/"],
+                         "command": ["sh", "-c", (f"mkdir -p {ADAPTERS_DIR}/{src.name} && "
+                                                 f"cp -r /data/. {ADAPTERS_DIR}/{src.name}/")],
                          "volumeMounts": [{"name": "adapters", "mountPath": ADAPTERS_DIR}]})
             pull_secrets += src.image_pull_secrets or []
         else:
@@ -558,8 +557,8 @@ def render_rag(plan: RAGPlan, opts: RenderOptions) -> list[dict[str, Any]]:
     if local and local.image:
         volumes.append({"name": "embedding", "emptyDir": {}})
         mounts.append({"name": "embedding", "mountPath": "/mnt/embedding"})
-        init.append({"name": "embedding-model", "image": local.image, "command": ["sh", "-c", "cp -r /data/. "
-                                                                                              "/mnt/embedding/"],
+        init.append({"name": "embedding-model", "image": local.image, "command": ["sh", "-c", ("cp -r /data/. "
+                                                                                              "/mnt/embedding/")],
                      "volumeMounts": [{"name": "embedding", "mountPath": "/mnt/embedding"}]})
     container = {
         "name": "kaito-rag",

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-
 from kaito.presets import InferenceConfig, ModelPreset, PresetError, build_vllm_command, get_model, get_sku, models
 from kaito.presets.estimator import estimate
+from pydantic import ValidationError
 
 from .api import AdapterSpec, DataDestination, DataSource, RAGEngine, Resource, ResourceSpec, Workspace
 
@@ -219,12 +219,9 @@ def parse_inference_config(text: str) -> InferenceConfig:
     data.pop("max_probe_steps", None)  # upstream's own sizing knob: kaito's estimator sizes instead
     try:
         return InferenceConfig(**data)
-    except Exception as e:  # pydantic's ValidationError, first error in words
-        errors = getattr(e, "errors", None)
-        if errors:
-            err = errors()[0]
-            raise PresetError(f"{INFERENCE_CONFIG_KEY}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-        raise PresetError(f"{INFERENCE_CONFIG_KEY}: {e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise PresetError(f"{INFERENCE_CONFIG_KEY}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def _adapters(adapters: list[AdapterSpec]) -> list[FieldError]:

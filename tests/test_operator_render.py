@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import REPO, run_cli
-
 from kaito.operator.crds import crds, resource_schema
 from kaito.operator.manifests import load, loads
 from kaito.operator.render import render
@@ -119,7 +118,7 @@ def test_multi_node_inference_uses_ray_and_the_estimator():
     args = sts["spec"]["template"]["metadata"]["annotations"]["kaito.sh/engine-args"]
     assert "--pipeline-parallel-size 2" in args and "--distributed-executor-backend ray" in args
     assert "--max-model-len 16384" in args  # from the ConfigMap
-    svc = [s for s in by_kind(objects, "Service") if "clusterIP" not in s["spec"]][0]
+    svc = next(s for s in by_kind(objects, "Service") if "clusterIP" not in s["spec"])
     assert svc["spec"]["selector"]["apps.kubernetes.io/pod-index"] == "0"
     env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in env

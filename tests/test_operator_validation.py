@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
-
 from kaito.operator.manifests import ManifestError, loads, parse
 from kaito.operator.validation import admission_review, url_problem, validate
 
@@ -83,16 +83,16 @@ CASES = {
     "unknown preset, with suggestions": (with_(INFERENCE, "inference.preset.name", "phi-5"),
                                          "Unsupported inference preset name 'phi-5'. Did you mean: phi-4"),
     "unknown instance type": (with_(INFERENCE, "resource.instanceType", "Standard_NC24ads_A100_v9"),
-                              "Unsupported instance type 'Standard_NC24ads_A100_v9'. Did you mean: "
-                              "Standard_NC24ads_A100_v4"),
+                              ("Unsupported instance type 'Standard_NC24ads_A100_v9'. Did you mean: "
+                              "Standard_NC24ads_A100_v4")),
     "no instance type": (with_(INFERENCE, "resource.instanceType", None), "instanceType is required"),
     "no label selector": (with_(INFERENCE, "resource.labelSelector", None), "labelSelector is required"),
     "selector In without values": (with_(INFERENCE, "resource.labelSelector", {"matchExpressions": [
         {"key": "a", "operator": "In"}]}), "a: operator In needs values"),
     "not enough GPU memory, smallest SKU named": (
         with_(with_(INFERENCE, "inference.preset.name", "llama-3.3-70b-instruct"), "resource.count", 2),
-        "needs 3 nodes of Standard_NC24ads_A100_v4 (3 x A100 80 GiB), but the count is 2. The smallest instance "
-        "type that holds it on 2 nodes: Standard_NC40ads_H100_v5"),
+        ("needs 3 nodes of Standard_NC24ads_A100_v4 (3 x A100 80 GiB), but the count is 2. The smallest instance "
+        "type that holds it on 2 nodes: Standard_NC40ads_H100_v5")),
     "model larger than one GPU of this SKU": (with_(INFERENCE, "resource.instanceType", "Standard_NC4as_T4_v3"),
                                               "needs 3 nodes of Standard_NC4as_T4_v3"),
     "transformers runtime on several nodes": (
@@ -156,8 +156,8 @@ CASES = {
                           "must not target a loopback, private, or link-local address"),
     "data URL localhost": (with_(TUNING, "tuning.input.urls", ["http://localhost/d"]),
                            "must not target a local or metadata endpoint"),
-    "bad image reference": (with_(TUNING, "tuning.input", {"image": "Not An Image"}), "Unable to parse image "
-                                                                                       "reference"),
+    "bad image reference": (with_(TUNING, "tuning.input", {"image": "Not An Image"}), ("Unable to parse image "
+                                                                                       "reference")),
     "output image without push secret": (with_(TUNING, "tuning.output", {"image": "registry.io/out:1"}),
                                          "Must specify imagePushSecret with destination image"),
     "output with two destinations": (with_(TUNING, "tuning.output.image", "registry.io/out:1"),
@@ -274,3 +274,48 @@ def test_admission_review_allows_denies_and_warns():
     garbage = review({"apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "x"},
                       "resource": {"count": "many"}})
     assert not garbage["allowed"] and "resource.count" in garbage["status"]["message"]
+
+
+def test_webhook_over_https(tmp_path):
+    """`kaito-operator webhook` as the API server calls it: HTTPS, AdmissionReview in and out."""
+    import ssl
+    import subprocess
+
+    import httpx
+    from helpers import BIN, free_port
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "kaito-operator"), "webhook", "--host", "127.0.0.1", "--port", str(port),
+                             "--tls-cert", str(cert), "--tls-key", str(key)], stderr=subprocess.PIPE)
+    try:
+        client = httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ssl.create_default_context(cafile=str(cert)),
+                              timeout=10)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.get("/healthz")
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.2)
+
+        def review(obj):
+            body = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                    "request": {"uid": "abc", "operation": "CREATE", "object": obj}}
+            r = client.post("/validate", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["response"]
+
+        assert review(INFERENCE) == {"uid": "abc", "allowed": True}
+        denied = review(with_(TUNING, "tuning.input.urls", ["http://169.254.169.254/"]))
+        assert denied["allowed"] is False
+        assert "must not target a loopback, private, or link-local address" in denied["status"]["message"]
+        assert client.post("/validate", content=b"{not json").status_code == 400
+        assert client.post("/validate", json={"kind": "Pod"}).status_code == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
