@@ -26,7 +26,7 @@ from rich.table import Table
 
 from .crds import crds_yaml
 from .local import LocalError, LocalRunner
-from .manifests import ManifestError, Manifests, load
+from .manifests import ManifestError, Manifests, dump_yaml, load
 from .render import RenderOptions, render
 from .validation import ValidationFailed, validate
 
@@ -48,7 +48,7 @@ def _dump(objects: list[dict], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(objects[0] if len(objects) == 1 else {"apiVersion": "v1", "kind": "List",
                                                                  "items": objects}, indent=2) + "\n"
-    return yaml.safe_dump_all(objects, sort_keys=False, width=120)
+    return dump_yaml(objects)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from .api import Condition, RAGEngine, Resource, Workspace
 from .manifests import Manifests, parse
-from .render import InferencePlan, RAGPlan, TuningPlan, plan_inference, plan_rag, plan_tuning
+from .render import InferencePlan, RAGPlan, TuningPlan, inference_config_text, plan_inference, plan_rag, plan_tuning
 from .validation import check
 
 BIN = Path(sys.executable).parent
@@ -239,7 +239,7 @@ class LocalRunner:
         ws = plan.workspace
         if plan.config is not None:
             config_path = work / "inference_config.yaml"
-            config_path.write_text(yaml.safe_dump(plan.config.model_dump(exclude_defaults=True)))
+            config_path.write_text(inference_config_text(plan.config))
         adapters_dir = None
         if plan.adapters:
             adapters_dir = work / "adapters"

@@ -70,6 +70,26 @@ class Manifests:
         return [r for r in self.resources if isinstance(r, RAGEngine)]
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (configs, scripts) as literal blocks, no anchors: readable output."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value and not any(line != line.rstrip() for line in value.splitlines()) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_yaml(objects: list[dict[str, Any]]) -> str:
+    """Objects as a multi-document YAML stream, keys in their rendered order."""
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, width=120)
+
+
 def loads(text: str, source: str = "manifest") -> Manifests:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]

@@ -107,6 +107,11 @@ class InferencePlan:
         return args
 
 
+def inference_config_text(config: InferenceConfig) -> str:
+    """inference_config.yaml as kaito-serve reads it: the user's settings, defaults left out."""
+    return yaml.safe_dump(config.model_dump(exclude_defaults=True), sort_keys=False)
+
+
 def _cpu_backend(runtime: str) -> str:
     return "transformers" if runtime == "transformers" else "auto"
 
@@ -308,6 +313,11 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     config_map = ws.inference.config if ws.inference else None
     if config_map == DEFAULT_INFERENCE_CONFIG and plan.config is None:  # upstream's default: kaito needs none
         config_map = None
+    objects: list[dict[str, Any]] = []
+    if plan.config is not None:  # kaito-serve reads the parsed config (upstream-only keys dropped), as rendered
+        config_map = f"{name}-inference-config"
+        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(ws, config_map, labels),
+                        "data": {INFERENCE_CONFIG_KEY: inference_config_text(plan.config)}})
     serve = ["kaito-serve", *plan.serve_args(
         config_path=f"{CONFIG_DIR}/{INFERENCE_CONFIG_KEY}" if config_map else None,
         adapters_dir=ADAPTERS_DIR if plan.adapters else None), "--port", str(PORT)]
@@ -418,7 +428,7 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     }
     to_provision = max(0, n - len(ws.resource.preferred_nodes or []))
     claims = render_nodeclaims(ws, plan.sku, to_provision, plan.estimate.disk_gib, ws.resource.label_selector, opts)
-    return [*claims, service, headless_svc, statefulset]
+    return [*claims, *objects, service, headless_svc, statefulset]
 
 
 def render_template_workspace(ws: Workspace, opts: RenderOptions) -> list[dict[str, Any]]:

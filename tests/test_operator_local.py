@@ -233,3 +233,22 @@ def test_tuning_workspace_runs_to_completion(home, tmp_path):
     assert (out / "fine_tuning_completed.txt").is_file()
     assert (out / "adapter_config.json").is_file() or list(out.rglob("adapter_config.json"))
     assert "deleted" in cli(env, "local", "delete", "tune-smollm2").stdout
+
+
+def test_gpu_detection_reads_nvidia_smi(tmp_path, monkeypatch):
+    """nvidia-smi cannot run on this machine: a script prints what it printed on an H100 node."""
+    from kaito.operator.local import LocalError, LocalRunner, gpu_count
+    from kaito.operator.manifests import loads
+    from kaito.presets import get_sku
+
+    assert gpu_count() == 0  # no driver here
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-b9beb37e-a38a-d7b6-a486-ca7fb2bd6cb3)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert gpu_count() == 1
+    ws = loads(WORKSPACE).resources[0]
+    runner = LocalRunner(tmp_path)
+    runner._check_gpus(get_sku("Standard_NC24ads_A100_v4"), 1, False, ws)  # one GPU: no --cpu needed
+    with pytest.raises(LocalError, match=r"Standard_NC48ads_A100_v4 has 2 x A100 .* this machine has 1 NVIDIA GPU"):
+        runner._check_gpus(get_sku("Standard_NC48ads_A100_v4"), 1, False, ws)

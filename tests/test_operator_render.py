@@ -15,10 +15,10 @@ import pytest
 import yaml
 from helpers import REPO, run_cli
 from kaito.operator.crds import crds, resource_schema
-from kaito.operator.manifests import load, loads
+from kaito.operator.manifests import dump_yaml, load, loads
 from kaito.operator.render import render
 from kaito.operator.schemas import object_errors
-from kaito.presets import estimate, get_model, get_sku
+from kaito.presets import InferenceConfig, estimate, get_model, get_sku
 
 EXAMPLES = sorted((REPO / "operator" / "examples").glob("*.yaml"))
 GOLDEN = Path(__file__).parent / "golden" / "operator"
@@ -39,7 +39,7 @@ def test_there_are_enough_examples():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_golden(path):
-    text = yaml.safe_dump_all(rendered(path), sort_keys=False, width=120)
+    text = dump_yaml(rendered(path))
     golden = GOLDEN / f"{path.stem}.yaml"
     if os.environ.get("KAITO_UPDATE_GOLDEN") == "1":
         golden.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +122,26 @@ def test_multi_node_inference_uses_ray_and_the_estimator():
     assert svc["spec"]["selector"]["apps.kubernetes.io/pod-index"] == "0"
     env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in env
+
+
+def test_preferred_nodes_need_no_nodeclaim():
+    doc = yaml.safe_load((REPO / "operator" / "examples" / "kaito_workspace_llama-3.3_70b_instruct.yaml").read_text()
+                         .split("---\n")[-1])
+    doc["resource"]["preferredNodes"] = ["gpu-node-1"]
+    m = load(REPO / "operator" / "examples" / "kaito_workspace_llama-3.3_70b_instruct.yaml")
+    objects = render(loads(yaml.safe_dump(doc)).resources[0], lambda kind, name: m.find(kind, name))
+    assert len(by_kind(objects, "NodeClaim")) == 1 and by_kind(objects, "StatefulSet")[0]["spec"]["replicas"] == 2
+
+
+def test_the_parsed_inference_config_is_what_kaito_serve_reads():
+    objects = rendered(REPO / "operator" / "examples" / "kaito_workspace_custom_config.yaml")
+    cm = by_kind(objects, "ConfigMap")[0]
+    assert cm["metadata"]["name"] == "workspace-deepseek-r1-distill-qwen-14b-inference-config"
+    text = cm["data"]["inference_config.yaml"]
+    assert "max_probe_steps" not in text  # upstream's key, which kaito-serve refuses
+    assert InferenceConfig(**yaml.safe_load(text)).vllm["max-model-len"] == 131072
+    volumes = by_kind(objects, "StatefulSet")[0]["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "config", "configMap": {"name": cm["metadata"]["name"]}} in volumes
 
 
 def test_adapters_are_mounted():
