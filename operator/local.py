@@ -180,6 +180,7 @@ class LocalRunner:
             self._check_gpus(plan.sku, 1, cpu, res)
             work.mkdir(parents=True, exist_ok=True)
             command, output_dir = self._tuning_command(plan, work)
+            env["KAITO_TUNE_METRICS_PORT"] = str(_free_port())  # its metrics endpoint, off the default 5000
             role = "tuning"
         elif isinstance(res, Workspace):
             if res.inference is not None and res.inference.template is not None:

@@ -180,8 +180,10 @@ def test_ragengine_against_the_workspace(served, tmp_path):
     r = rag.post("/query", json={"index_name": "facts", "query": "What is the secret password?",
                                  "llm_params": {"max_tokens": 16, "temperature": 0}})
     assert r.status_code == 200, r.text
-    assert "Banana" in json.dumps(r.json())
-    assert workspace_url  # kaito-rag was pointed at the local Workspace (LLM_INFERENCE_URL resolved)
+    answer = r.json()
+    assert "Banana" in answer["source_nodes"][0]["text"]
+    assert answer["response"].strip()  # written by the local Workspace's model (LLM_INFERENCE_URL resolved)
+    assert workspace_url
     done = cli(env, "local", "delete", "-f", str(path))
     assert "ragengine.kaito.sh/ragengine-smollm2 deleted" in done.stdout
 
