@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 from kaito.presets import Estimate, GPUSku, InferenceConfig, ModelPreset, build_vllm_command, get_sku
-from kaito.presets.estimator import estimate
+from kaito.presets.estimator import disk_gib, estimate
 from pydantic import BaseModel
 
 from .api import AdapterSpec, DataDestination, DataSource, LabelSelector, RAGEngine, Resource, Workspace
@@ -47,6 +47,7 @@ DATA_DIR = "/mnt/data"
 RESULTS_DIR = "/mnt/results"
 WEIGHTS_DIR = "/workspace/weights"
 VECTOR_DB_DIR = "/mnt/vector-db"
+DEFAULT_DISK_GIB = 100  # node disk when no model is known (pod templates, RAGEngines)
 GPU_TAINT = {"key": "sku", "value": "gpu", "effect": "NoSchedule"}
 DEFAULTS_DIR = Path(__file__).parent / "tuning_defaults"
 
@@ -275,7 +276,7 @@ def nodeclaim_name(resource: Resource, index: int) -> str:
     return ("ws" if isinstance(resource, Workspace) else "rag") + digest[:10]
 
 
-def render_nodeclaims(resource: Resource, sku: GPUSku, count: int, disk_gib: int, selector: LabelSelector | None,
+def render_nodeclaims(resource: Resource, sku: GPUSku, count: int, disk: int, selector: LabelSelector | None,
                       opts: RenderOptions) -> list[dict[str, Any]]:
     """Karpenter NodeClaims for `count` GPU nodes of `sku`, carrying the selector's labels and the GPU taint."""
     match = dict(sorted((selector.match_labels or {}).items())) if selector else {}
@@ -297,7 +298,7 @@ def render_nodeclaims(resource: Resource, sku: GPUSku, count: int, disk_gib: int
             "nodeClassRef": NODE_CLASSES[sku.cloud],
             "requirements": requirements,
             "taints": [GPU_TAINT],
-            "resources": {"requests": {"storage": f"{disk_gib}Gi"}},
+            "resources": {"requests": {"storage": f"{disk}Gi"}},
         },
     } for i in range(count)]
 
@@ -456,7 +457,7 @@ def render_template_workspace(ws: Workspace, opts: RenderOptions) -> list[dict[s
                  "ports": [{"name": "http", "port": 80, "targetPort": target, "protocol": "TCP"}]},
     }
     count = max(0, ws.resource.count - len(ws.resource.preferred_nodes or []))
-    claims = render_nodeclaims(ws, sku, count, 100, ws.resource.label_selector, opts)
+    claims = render_nodeclaims(ws, sku, count, DEFAULT_DISK_GIB, ws.resource.label_selector, opts)
     return [*claims, service, deployment]
 
 
@@ -543,9 +544,8 @@ def render_tuning(plan: TuningPlan, opts: RenderOptions) -> list[dict[str, Any]]
         "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(ws, ws.name, labels),
         "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": pod_spec}},
     })
-    est_disk = 100 + int(plan.preset.weight_size_gib)
-    claims = render_nodeclaims(ws, plan.sku, 1 - min(1, len(ws.resource.preferred_nodes or [])), est_disk,
-                               ws.resource.label_selector, opts)
+    claims = render_nodeclaims(ws, plan.sku, 1 - min(1, len(ws.resource.preferred_nodes or [])),
+                               disk_gib(plan.preset.weight_size_gib), ws.resource.label_selector, opts)
     return [*claims, *objects]
 
 
@@ -608,7 +608,7 @@ def render_rag(plan: RAGPlan, opts: RenderOptions) -> list[dict[str, Any]]:
     claims = []
     if plan.sku and compute:
         count = max(0, compute.count - len(compute.preferred_nodes or []))
-        claims = render_nodeclaims(rag, plan.sku, count, 100, compute.label_selector, opts)
+        claims = render_nodeclaims(rag, plan.sku, count, DEFAULT_DISK_GIB, compute.label_selector, opts)
     return [*claims, service, deployment]
 
 
