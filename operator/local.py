@@ -34,7 +34,16 @@ from pydantic import BaseModel
 
 from .api import Condition, RAGEngine, Resource, Workspace
 from .manifests import Manifests, parse
-from .render import InferencePlan, RAGPlan, TuningPlan, inference_config_text, plan_inference, plan_rag, plan_tuning
+from .render import (
+    RESULTS_DIR,
+    InferencePlan,
+    RAGPlan,
+    TuningPlan,
+    inference_config_text,
+    plan_inference,
+    plan_rag,
+    plan_tuning,
+)
 from .validation import check
 
 BIN = Path(sys.executable).parent
@@ -257,12 +266,12 @@ class LocalRunner:
 
     def _tuning_command(self, plan: TuningPlan, work: Path) -> tuple[list[str], str]:
         name = plan.workspace.name
-        config = work / "training_config.yaml"
-        config.write_text(plan.config_text)
         data = list(plan.input.urls or []) or [_host_path(plan.input.volume_source, f"workspace {name}: tuning "
                                                           "input", image=plan.input.image)]
         output = _host_path(plan.output.volume_source, f"workspace {name}: tuning output", image=plan.output.image,
                             create=True)
+        config = work / "training_config.yaml"
+        config.write_text(_local_training_config(plan.config_text, output))
         return [_exe("kaito-tune"), *plan.tune_args(config_path=str(config), data=data, output=output)], output
 
     def _rag_env(self, plan: RAGPlan, manifests: Manifests, work: Path) -> dict[str, str]:
@@ -408,6 +417,21 @@ class LocalRunner:
             self._stop(folder, existing[1])
         shutil.rmtree(folder, ignore_errors=True)
         return f"{kind.lower()}.kaito.sh/{name} deleted"
+
+
+def _local_training_config(text: str, output: str) -> str:
+    """The training config with the pod's output folder (upstream configs name /mnt/results) moved to
+    the local output folder; anything else is kept as written."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        return text
+    section = (data.get("training_config") if isinstance(data.get("training_config"), dict) else data)
+    args = section.get("TrainingArguments") if isinstance(section, dict) else None
+    out_dir = args.get("output_dir") if isinstance(args, dict) else None
+    if not isinstance(out_dir, str) or not (out_dir == RESULTS_DIR or out_dir.startswith(RESULTS_DIR + "/")):
+        return text
+    args["output_dir"] = output + out_dir[len(RESULTS_DIR):]
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _host_path(volume: dict | None, what: str, *, image: str | None = None, create: bool = False) -> str:

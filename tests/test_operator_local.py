@@ -218,7 +218,8 @@ def test_tuning_workspace_runs_to_completion(home, tmp_path):
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "adapter"
     path = tmp_path / "tuning.yaml"
-    config = {"training_config": {"TrainingArguments": {"max_steps": 2, "per_device_train_batch_size": 2}}}
+    config = {"training_config": {"TrainingArguments": {  # upstream configs name the pod's output folder
+        "output_dir": "/mnt/results", "max_steps": 2, "per_device_train_batch_size": 2}}}
     path.write_text(yaml.safe_dump_all([
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tiny"},
          "data": {"training_config.yaml": yaml.safe_dump(config)}},
