@@ -104,7 +104,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     for line in runner.apply(m, cpu=args.cpu):
         out.print(escape(line))
     if args.wait:
-        for line in runner.wait(m, args.timeout):
+        with err.status("waiting") as status:  # a spinner on a terminal, silent otherwise
+            lines = runner.wait(m, args.timeout, lambda text: status.update(escape(text)))
+        for line in lines:
             out.print(escape(line))
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -46,6 +47,7 @@ from .render import (
 )
 from .validation import check
 
+log = logging.getLogger(__name__)
 BIN = Path(sys.executable).parent
 COMPLETED_MARKER = "fine_tuning_completed.txt"
 EXTRAS = {"kaito-serve": "hf", "kaito-tune": "tune", "kaito-rag": "rag"}
@@ -224,14 +226,16 @@ class LocalRunner:
         # from a clean exit; the new session makes it a process group `delete` can stop as a whole
         wrapper = ["/bin/sh", "-c", '"$@"; echo $? > "$KAITO_EXIT_FILE"', "kaito-local", *command]
         env["KAITO_EXIT_FILE"] = str(folder / "exit_code")
-        with open(folder / "log", "ab") as log:
-            proc = subprocess.Popen(wrapper, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+        with open(folder / "log", "ab") as log_file:
+            proc = subprocess.Popen(wrapper, cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         record = Record(kind=res.kind, name=res.name, namespace=res.namespace, role=role, command=command,
                         pid=proc.pid, start_ticks=_start_ticks(proc.pid) or 0, port=port,
                         url=f"http://127.0.0.1:{port}" if port else None, started=time.time(), cpu=cpu,
                         spec_hash=_spec_hash(res), output_dir=output_dir)
         (folder / "record.json").write_text(record.model_dump_json(indent=2))
+        log.info("started", extra={"kind": res.kind, "resource": f"{res.namespace}/{res.name}", "pid": proc.pid,
+                                   "url": record.url, "command": " ".join(command)})
         return record
 
     def _check_gpus(self, sku, nodes: int, cpu: bool, res: Resource) -> None:
@@ -370,8 +374,9 @@ class LocalRunner:
                               **({"url": record.url} if record.url else {})}
         return resource
 
-    def wait(self, manifests: Manifests, timeout: float) -> list[str]:
-        """Until each resource is Ready / Succeeded; a Failed one (or the timeout) is an error."""
+    def wait(self, manifests: Manifests, timeout: float, progress=None) -> list[str]:
+        """Until each resource is Ready / Succeeded; a Failed one (or the timeout) is an error.
+        `progress(text)` hears what is still awaited."""
         deadline = time.monotonic() + timeout
         pending = [(r.kind, r.namespace, r.name) for r in manifests.resources]
         while pending:
@@ -383,6 +388,8 @@ class LocalRunner:
                     pending.remove(key)
                 elif state == "Failed":
                     raise LocalError(f"{key[0].lower()} {key[2]} failed: {why}")
+                elif progress:
+                    progress(f"{key[0].lower()} {key[2]}: {why}")
             if pending and time.monotonic() > deadline:
                 names = ", ".join(k[2] for k in pending)
                 raise LocalError(f"not ready after {timeout:g} s: {names}")
@@ -395,6 +402,7 @@ class LocalRunner:
     def _stop(self, folder: Path, record: Record, grace: float = 30) -> None:
         if not self.alive(record):
             return
+        log.info("stopping", extra={"resource": f"{record.namespace}/{record.name}", "pid": record.pid})
         try:
             os.killpg(record.pid, signal.SIGTERM)
         except ProcessLookupError:
