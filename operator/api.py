@@ -130,7 +130,7 @@ class WorkspaceStatus(Spec):
 
 
 class Resource(Spec):
-    api_version: str = API_VERSION
+    api_version: str
     kind: str
     metadata: ObjectMeta
 

@@ -253,6 +253,8 @@ def test_parse_errors_name_the_field():
         loads("apiVersion: kaito.sh/v2\nkind: Workspace\nmetadata: {name: ws}\n")
     with pytest.raises(ManifestError, match=r"resource.count: Input should be greater than or equal to 1"):
         loads("apiVersion: kaito.sh/v1beta1\nkind: Workspace\nmetadata: {name: ws}\nresource: {count: 0}\n")
+    with pytest.raises(ManifestError, match=r"apiVersion: Field required"):
+        loads("kind: Workspace\nmetadata: {name: ws}\n")
     with pytest.raises(ManifestError, match="not valid YAML"):
         loads("kind: [")
 
