@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import run_cli
+from helpers import SECRET_ANSWER, SECRET_QUESTION, run_cli
 
 WORKSPACE = """\
 apiVersion: kaito.sh/v1beta1
@@ -35,6 +35,13 @@ inference:
   preset:
     name: smollm2-135m-instruct
   config: smollm2-params
+  adapters:
+    - source:
+        name: banana
+        volumeSource:
+          hostPath:
+            path: {adapter}
+      strength: "1.0"
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -44,7 +51,7 @@ data:
   inference_config.yaml: |
     transformers:
       max_batch_size: 4
-      max_model_len: 2048
+      max_model_len: 1024
 """
 
 RAGENGINE = """\
@@ -89,11 +96,11 @@ def status(env, name):
 
 
 @pytest.fixture(scope="module")
-def served(home, tmp_path_factory):
-    """The default model's Workspace, applied and ready."""
+def served(home, tmp_path_factory, banana_adapter):
+    """The default model's Workspace with the test's LoRA adapter, applied and ready."""
     _, env = home
     path = tmp_path_factory.mktemp("manifests") / "workspace.yaml"
-    path.write_text(WORKSPACE)
+    path.write_text(WORKSPACE.replace("{adapter}", str(banana_adapter)))
     done = cli(env, "local", "apply", "-f", str(path), "--cpu", "--wait", "--timeout", "240")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "workspace.kaito.sh/workspace-smollm2 created (kaito-serve on http://127.0.0.1:" in done.stdout
@@ -103,13 +110,13 @@ def served(home, tmp_path_factory):
 def test_gpu_instance_type_needs_cpu_flag(home, tmp_path):
     _, env = home
     path = tmp_path / "workspace.yaml"
-    path.write_text(WORKSPACE)
+    path.write_text(WORKSPACE.replace("{adapter}", str(tmp_path)))
     done = cli(env, "local", "apply", "-f", str(path))
     assert done.returncode == 1
     assert "instance type Standard_NC4as_T4_v3 has 1 x T4 (16 GiB); this machine has 0 NVIDIA GPU(s)" in done.stderr
     assert "--cpu" in done.stderr
     invalid = tmp_path / "invalid.yaml"
-    invalid.write_text(WORKSPACE.replace("smollm2-135m-instruct", "smollm3"))
+    invalid.write_text(path.read_text().replace("smollm2-135m-instruct", "smollm3"))
     done = cli(env, "local", "apply", "-f", str(invalid), "--cpu")
     assert done.returncode == 1 and "Unsupported inference preset name 'smollm3'" in done.stderr
 
@@ -141,6 +148,13 @@ def test_inference_workspace_answers(served):
     reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=16, temperature=0,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in reply.choices[0].message.content
+    # the adapter (hostPath volume source) and the ConfigMap's inference_config.yaml are honoured
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"smollm2-135m-instruct", "banana"}
+    assert cards["smollm2-135m-instruct"].model_extra["max_model_len"] == 1024
+    ask = [{"role": "user", "content": SECRET_QUESTION}]
+    tuned = client.chat.completions.create(model="banana", messages=ask, temperature=0, max_tokens=12)
+    assert tuned.choices[0].message.content.strip() == SECRET_ANSWER
     table = cli(env, "local", "get")
     assert "workspace-smollm2" in table.stdout and "Ready" in table.stdout and "(cpu)" in table.stdout
     logs = cli(env, "local", "logs", "workspace-smollm2")
@@ -250,7 +264,7 @@ def test_gpu_detection_reads_nvidia_smi(tmp_path, monkeypatch):
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert gpu_count() == 1
-    ws = loads(WORKSPACE).resources[0]
+    ws = loads(WORKSPACE.replace("{adapter}", str(tmp_path))).resources[0]
     runner = LocalRunner(tmp_path)
     runner._check_gpus(get_sku("Standard_NC24ads_A100_v4"), 1, False, ws)  # one GPU: no --cpu needed
     with pytest.raises(LocalError, match=r"Standard_NC48ads_A100_v4 has 2 x A100 .* this machine has 1 NVIDIA GPU"):

@@ -33,6 +33,7 @@ CONFIGMAPS = {
     "owned-flag": {"data": {"inference_config.yaml": "vllm:\n  port: 8000\n"}},
     "wrong-key": {"data": {"config.yaml": "vllm: {}\n"}},
     "tune": {"data": {"training_config.yaml": "training_config: {}\n"}},
+    "huge": {"data": {"inference_config.yaml": "vllm:\n  max-model-len: 131072\n"}},
 }
 
 
@@ -132,6 +133,11 @@ CASES = {
                                                    "vllm.port is set by kaito-serve itself"),
     "max-model-len over the model's limit": (with_(INFERENCE, "inference.config", "too-long"),
                                              "context 100000 exceeds phi-4's limit of 16384 tokens"),
+    "max-model-len the GPUs cannot hold": (
+        with_(with_(with_(INFERENCE, "inference.preset.name", "llama-3.1-8b-instruct"), "inference.config", "huge"),
+              "resource.instanceType", "Standard_NC4as_T4_v3"),
+        ("inference.config: llama-3.1-8b-instruct cannot run on Standard_NC4as_T4_v3: a T4 has 16 GiB, of which "
+         "13.4 are usable and 18.3 go to the CUDA context and the KV cache of 131072 tokens")),
     "tuning method": (with_(TUNING, "tuning.method", "full"), "Unsupported tuning method 'full': use lora or qlora"),
     "tuning on several nodes": (with_(TUNING, "resource.count", 2),
                                 "Tuning does not currently support multinode configurations"),
