@@ -70,7 +70,7 @@ spec:
       modelID: sentence-transformers/all-MiniLM-L6-v2
   inferenceService:
     url: http://workspace-smollm2.default.svc.cluster.local/v1/chat/completions
-    contextWindowSize: 2048
+    contextWindowSize: 1024
 """
 
 
