@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 from kaito.presets import kaito_home
 from pydantic import BaseModel
 
@@ -147,30 +148,39 @@ class LocalRunner:
     def apply(self, manifests: Manifests, *, cpu: bool = False) -> list[str]:
         """Start (or restart, when changed) every resource in `manifests`; workspaces first, so a
         RAGEngine can be pointed at them. Returns one line per resource, kubectl-style."""
-        lookup = lambda kind, name: manifests.find(kind, name)
         out = []
         for res in sorted(manifests.resources, key=lambda r: isinstance(r, RAGEngine)):
-            folder = self.folder(res.kind, res.namespace, res.name)
-            old = self._existing(folder)
-            action = "created"
-            if old is not None:
-                old_res, record = old
-                if record.spec_hash == _spec_hash(res) and self.phase(folder, record)[0] not in ("Failed",):
-                    out.append(f"{res.kind.lower()}.kaito.sh/{res.name} unchanged")
-                    continue
-                check(res, old_res, lookup)  # immutable fields
-                self._stop(folder, record)
-                action = "configured"
-            check(res, lookup=lookup)
-            try:
-                record = self._start(res, manifests, folder, cpu)
-            except Exception:
-                if not (folder / "record.json").is_file():  # refused before it started: leave nothing behind
-                    shutil.rmtree(folder, ignore_errors=True)
-                raise
-            where = f" on {record.url}" if record.url else ""
-            out.append(f"{res.kind.lower()}.kaito.sh/{res.name} {action} ({Path(record.command[0]).name}{where})")
+            with self._lock(res.kind, res.namespace, res.name):
+                out.append(self._apply_one(res, manifests, cpu))
         return out
+
+    def _lock(self, kind: str, namespace: str, name: str) -> FileLock:
+        """One command at a time acts on a resource (two `apply`s must not start it twice)."""
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(locks / f"{namespace}.{kind.lower()}.{name}.lock"))
+
+    def _apply_one(self, res: Resource, manifests: Manifests, cpu: bool) -> str:
+        lookup = lambda kind, name: manifests.find(kind, name)
+        folder = self.folder(res.kind, res.namespace, res.name)
+        old = self._existing(folder)
+        action = "created"
+        if old is not None:
+            old_res, record = old
+            if record.spec_hash == _spec_hash(res) and self.phase(folder, record)[0] != "Failed":
+                return f"{res.kind.lower()}.kaito.sh/{res.name} unchanged"
+            check(res, old_res, lookup)  # immutable fields
+            self._stop(folder, record)
+            action = "configured"
+        check(res, lookup=lookup)
+        try:
+            record = self._start(res, manifests, folder, cpu)
+        except Exception:
+            if not (folder / "record.json").is_file():  # refused before it started: leave nothing behind
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        where = f" on {record.url}" if record.url else ""
+        return f"{res.kind.lower()}.kaito.sh/{res.name} {action} ({Path(record.command[0]).name}{where})"
 
     def _existing(self, folder: Path) -> tuple[Resource, Record] | None:
         try:
@@ -417,6 +427,10 @@ class LocalRunner:
                 pass
 
     def delete(self, kind: str, namespace: str, name: str) -> str:
+        with self._lock(kind, namespace, name):
+            return self._delete(kind, namespace, name)
+
+    def _delete(self, kind: str, namespace: str, name: str) -> str:
         folder = self.folder(kind, namespace, name)
         existing = self._existing(folder)
         if existing is None and not folder.exists():

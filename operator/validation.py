@@ -160,7 +160,11 @@ def _inference(ws: Workspace, sku, lookup: Lookup | None) -> list[FieldError]:
     except PresetError as e:
         return errs + [FieldError("inference.preset.name", _unsupported(e).replace(
             "Unsupported preset", "Unsupported inference preset name"))]
-    secret = inf.preset.preset_options.model_access_secret if inf.preset.preset_options else None
+    options = inf.preset.preset_options
+    secret = options.model_access_secret if options else None
+    if (options and options.image) or inf.preset.access_mode == "private":
+        errs.append(FieldError("inference.preset.presetOptions.image", "private model images are deprecated upstream "
+                               "and not used: kaito-serve downloads the weights from Hugging Face", warning=True))
     if preset.requires_token and not secret:  # a warning: the weights may come from a mirror or a cache
         errs.append(FieldError("inference.preset.presetOptions.modelAccessSecret",
                                f"{preset.name} is gated on Hugging Face: set a modelAccessSecret with HF_TOKEN key "

@@ -234,6 +234,13 @@ def test_gated_model_without_token_is_a_warning():
     assert any("gated on Hugging Face" in m for m in messages(doc, warnings=True))
 
 
+def test_private_model_image_is_a_warning():
+    doc = with_(INFERENCE, "inference.preset", {"name": "phi-4", "accessMode": "private",
+                                                "presetOptions": {"image": "registry.io/phi-4:0.1"}})
+    assert messages(doc) == []
+    assert any("private model images are deprecated upstream and not used" in m for m in messages(doc, warnings=True))
+
+
 def test_preset_by_hugging_face_id_and_upstream_default_configs():
     assert messages(with_(INFERENCE, "inference.preset.name", "microsoft/phi-4")) == []
     assert messages(with_(TUNING, "tuning.config", "qlora-params-template")) == []
