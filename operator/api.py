@@ -1,0 +1,236 @@
+"""The custom resources, `Workspace` and `RAGEngine` (kaito.sh/v1beta1), as pydantic models.
+
+These models are the single source of truth: manifests are parsed with them, and the CRD YAML
+(`crds.py`) is generated from their JSON schema. Field names are upstream KAITO's (camelCase in
+YAML, snake_case in Python). Pod templates and volume sources are kept as plain mappings, as the
+upstream CRDs keep them schemaless; `schemas.py` checks them against the Kubernetes schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from .meta import API_VERSION, GROUP
+
+API_VERSIONS = (API_VERSION, f"{GROUP}/v1alpha1")  # v1alpha1 manifests (older upstream examples) read the same
+RUNTIME_ANNOTATION = "kaito.sh/runtime"  # vllm (default) | transformers, as upstream
+
+
+class Spec(BaseModel):
+    """camelCase in YAML, unknown fields are an error (a typo must not be silently dropped)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, exclude_defaults=False, mode="json")
+
+
+Mapping = dict[str, Any]  # schemaless in the CRD (x-kubernetes-preserve-unknown-fields)
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class LabelSelectorRequirement(Spec):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] | None = None
+
+
+class LabelSelector(Spec):
+    match_labels: dict[str, str] | None = None
+    match_expressions: list[LabelSelectorRequirement] | None = None
+
+
+class ResourceSpec(Spec):
+    count: int = Field(1, ge=1, description="GPU nodes (deprecated upstream: the estimator decides).")
+    instance_type: str | None = Field(None, description="GPU node SKU, e.g. Standard_NC24ads_A100_v4.")
+    label_selector: LabelSelector | None = Field(None, description="Labels the GPU nodes carry.")
+    preferred_nodes: list[str] | None = Field(None, description="Existing nodes to use before provisioning new ones.")
+
+
+class PresetOptions(Spec):
+    model_access_secret: str | None = Field(None, description="Secret holding HF_TOKEN for gated models.")
+    image: str | None = Field(None, description="Deprecated upstream (private model image); ignored.")
+    image_pull_secrets: list[str] | None = None
+
+
+class PresetSpec(Spec):
+    name: str = Field(description="Catalogue preset name or the model's Hugging Face id.")
+    access_mode: Literal["public", "private"] | None = Field(None, description="Deprecated upstream; ignored.")
+    preset_options: PresetOptions | None = None
+
+
+class DataSource(Spec):
+    name: str | None = None
+    urls: list[str] | None = None
+    volume_source: Mapping | None = Field(None, alias="volumeSource")
+    image: str | None = None
+    image_pull_secrets: list[str] | None = None
+
+
+class DataDestination(Spec):
+    volume_source: Mapping | None = Field(None, alias="volumeSource")
+    image: str | None = None
+    image_push_secret: str | None = None
+
+
+class AdapterSpec(Spec):
+    source: DataSource | None = None
+    strength: str | None = Field(None, description="Multiplier 0..1, a string as upstream.")
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _number_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+class InferenceSpec(Spec):
+    preset: PresetSpec | None = None
+    template: Mapping | None = Field(None, description="A PodTemplateSpec, instead of a preset.")
+    config: str | None = Field(None, description="ConfigMap holding inference_config.yaml.")
+    adapters: list[AdapterSpec] | None = None
+
+
+class TuningSpec(Spec):
+    preset: PresetSpec | None = None
+    method: str | None = Field(None, description="lora or qlora.")
+    config: str | None = Field(None, description="ConfigMap holding training_config.yaml.")
+    input: DataSource | None = None
+    output: DataDestination | None = None
+
+
+class Condition(Spec):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class WorkspaceStatus(Spec):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    worker_nodes: list[str] | None = None
+    state: str | None = None
+    conditions: list[Condition] | None = None
+    target_node_count: int | None = None
+
+
+class Resource(Spec):
+    api_version: str
+    kind: str
+    metadata: ObjectMeta
+
+    @field_validator("api_version")
+    @classmethod
+    def _known_version(cls, v: str) -> str:
+        if v not in API_VERSIONS:
+            raise ValueError(f"apiVersion must be {API_VERSION} (or {API_VERSIONS[1]}), not {v!r}")
+        return v
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+
+class Workspace(Resource):
+    kind: Literal["Workspace"] = "Workspace"
+    resource: ResourceSpec = Field(default_factory=ResourceSpec)
+    inference: InferenceSpec | None = None
+    tuning: TuningSpec | None = None
+    status: WorkspaceStatus | None = None
+
+    @property
+    def runtime(self) -> str:
+        return self.metadata.annotations.get(RUNTIME_ANNOTATION, "vllm")
+
+
+class PersistentVolumeConfig(Spec):
+    persistent_volume_claim: str
+    mount_path: str | None = None
+
+
+class VectorDBConfig(Spec):
+    engine: str
+    url: str
+    access_secret: str | None = None
+
+
+class StorageSpec(Spec):
+    persistent_volume: PersistentVolumeConfig | None = None
+    vector_db: VectorDBConfig | None = Field(None, alias="vectorDB")
+    # v1alpha1 kept these two at this level
+    persistent_volume_claim: str | None = None
+    mount_path: str | None = None
+
+    @property
+    def pvc(self) -> PersistentVolumeConfig | None:
+        if self.persistent_volume:
+            return self.persistent_volume
+        if self.persistent_volume_claim:
+            return PersistentVolumeConfig(persistent_volume_claim=self.persistent_volume_claim,
+                                          mount_path=self.mount_path)
+        return None
+
+
+class RemoteEmbeddingSpec(Spec):
+    url: str
+    access_secret: str | None = None
+
+
+class LocalEmbeddingSpec(Spec):
+    image: str | None = None
+    image_pull_secret: str | None = None
+    model_id: str | None = Field(None, alias="modelID")
+    model_access_secret: str | None = None
+
+
+class EmbeddingSpec(Spec):
+    remote: RemoteEmbeddingSpec | None = None
+    local: LocalEmbeddingSpec | None = None
+
+
+class InferenceServiceSpec(Spec):
+    url: str | None = None
+    access_secret: str | None = None
+    context_window_size: int | None = None
+
+
+class RAGEngineSpec(Spec):
+    compute: ResourceSpec | None = None
+    storage: StorageSpec | None = None
+    embedding: EmbeddingSpec | None = None
+    inference_service: InferenceServiceSpec | None = None
+
+
+class RAGEngineStatus(Spec):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    worker_nodes: list[str] | None = None
+    conditions: list[Condition] | None = None
+
+
+class RAGEngine(Resource):
+    kind: Literal["RAGEngine"] = "RAGEngine"
+    spec: RAGEngineSpec = Field(default_factory=RAGEngineSpec)
+    status: RAGEngineStatus | None = None
+
+
+KINDS: dict[str, type[Resource]] = {"Workspace": Workspace, "RAGEngine": RAGEngine}

@@ -1,0 +1,243 @@
+"""`kaito-operator`: what Workspaces and RAGEngines become, and running them without a cluster.
+
+  kaito-operator validate -f FILE                 check resources (upstream KAITO's rules)
+  kaito-operator render -f FILE [-o yaml|json]    the Kubernetes objects they become (like `helm template`)
+  kaito-operator crds                             the CustomResourceDefinitions
+  kaito-operator webhook [--tls-cert C --tls-key K]   the validating admission webhook (POST /validate)
+  kaito-operator local apply -f FILE [--cpu] [--wait]   run them on this machine
+  kaito-operator local get [NAME] [-o yaml|json]  state and conditions, like `kubectl get`
+  kaito-operator local logs NAME [-f]             the process output
+  kaito-operator local delete (-f FILE | NAME)    stop and clean up
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import yaml
+from kaito.presets import PresetError
+from kaito.presets.logs import setup_logging
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .crds import crds_yaml
+from .local import LocalError, LocalRunner
+from .manifests import ManifestError, Manifests, dump_yaml, load
+from .render import RenderOptions, render
+from .validation import ValidationFailed, validate
+
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _lookup(m: Manifests):
+    return lambda kind, name: m.find(kind, name)
+
+
+def _warn(m: Manifests) -> None:
+    for res in m.resources:
+        for w in (e for e in validate(res, lookup=_lookup(m)) if e.warning):
+            err.print(f"[yellow]warning:[/yellow] {res.kind} {res.name}: {escape(str(w))}")
+
+
+def _dump(objects: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(objects[0] if len(objects) == 1 else {"apiVersion": "v1", "kind": "List",
+                                                                 "items": objects}, indent=2) + "\n"
+    return dump_yaml(objects)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    m = load(args.filename)
+    failed = 0
+    for res in m.resources:
+        found = validate(res, lookup=_lookup(m))
+        errors = [e for e in found if not e.warning]
+        for w in (e for e in found if e.warning):
+            err.print(f"[yellow]warning:[/yellow] {res.kind} {res.name}: {escape(str(w))}")
+        if errors:
+            failed += 1
+            err.print(f"[red]{res.kind} {res.namespace}/{res.name} is invalid:[/red]")
+            for e in errors:
+                err.print(f"  {escape(str(e))}")
+        else:
+            out.print(f"{res.kind.lower()}.kaito.sh/{res.name} valid")
+    return 1 if failed else 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    m = load(args.filename)
+    _warn(m)
+    opts = RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
+                         **({"image_tag": args.tag} if args.tag else {}))
+    objects = [obj for res in m.resources for obj in render(res, _lookup(m), opts)]
+    sys.stdout.write(_dump(objects, args.output))
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    sys.stdout.write(crds_yaml())
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from .webhook import serve
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise LocalError("give both --tls-cert and --tls-key (the API server calls webhooks over HTTPS)")
+    err.print(f"kaito-operator: admission webhook on {'https' if args.tls_cert else 'http'}://{args.host}:{args.port}"
+              "/validate", markup=False)
+    serve(args.host, args.port, args.tls_cert, args.tls_key)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    m = load(args.filename)
+    if not m.resources:
+        raise ManifestError(f"{args.filename} holds no Workspace or RAGEngine")
+    _warn(m)
+    runner = LocalRunner()
+    for line in runner.apply(m, cpu=args.cpu):
+        out.print(escape(line))
+    if args.wait:
+        with err.status("waiting") as status:  # a spinner on a terminal, silent otherwise
+            lines = runner.wait(m, args.timeout, lambda text: status.update(escape(text)))
+        for line in lines:
+            out.print(escape(line))
+    return 0
+
+
+def _age(started: float) -> str:
+    s = int(time.time() - started)
+    return f"{s}s" if s < 120 else (f"{s // 60}m" if s < 7200 else f"{s // 3600}h")
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    runner = LocalRunner()
+    rows = runner.records()
+    if args.name:
+        rows = [runner.find(args.name, args.kind, args.namespace)]
+    if args.output in ("yaml", "json"):
+        objects = [runner.status_of(p, r) for p, r in rows]
+        sys.stdout.write(_dump(objects, args.output) if objects else "")
+        return 0
+    if not rows:
+        err.print("No local resources.")
+        return 0
+    table = Table("KIND", "NAME", "INSTANCE", "RESOURCEREADY", "INFERENCEREADY", "JOBSTARTED", "SUCCEEDED", "STATE",
+                  "URL", "AGE", box=None, pad_edge=False)
+    for folder, rec in rows:
+        state, conds = runner.conditions(folder, rec)
+        by = {c.type: c.status for c in conds}
+        res = yaml.safe_load((folder / "resource.yaml").read_text())
+        instance = (res.get("resource") or (res.get("spec") or {}).get("compute") or {}).get("instanceType", "")
+        if rec.cpu:
+            instance = f"{instance} (cpu)"
+        ready = by.get("InferenceReady", by.get("ServiceReady", ""))
+        table.add_row(rec.kind, rec.name, instance, by.get("ResourceReady", ""), ready, by.get("JobStarted", ""),
+                      by.get("WorkspaceSucceeded", by.get("RAGEngineSucceeded", "")), state, rec.url or "",
+                      _age(rec.started))
+    out.print(table)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    runner = LocalRunner()
+    folder, record = runner.find(args.name, args.kind, args.namespace)
+    log = folder / "log"
+    with open(log, "rb") as f:
+        lines = f.read().decode(errors="replace").splitlines(keepends=True)
+        sys.stdout.write("".join(lines[-args.tail:] if args.tail else lines))
+        sys.stdout.flush()
+        while args.follow and runner.alive(record):
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    runner = LocalRunner()
+    if args.filename:
+        targets = [(r.kind, r.namespace, r.name) for r in load(args.filename).resources]
+    elif args.name:
+        _, rec = runner.find(args.name, args.kind, args.namespace)
+        targets = [(rec.kind, rec.namespace, rec.name)]
+    else:
+        raise LocalError("give -f FILE or a NAME")
+    for kind, ns, name in sorted(targets, key=lambda t: t[0] == "Workspace"):  # RAGEngines first
+        out.print(escape(runner.delete(kind, ns, name)))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kaito-operator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check Workspaces / RAGEngines in a file")
+    v.add_argument("-f", "--filename", required=True, help="manifest file (- for stdin)")
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("render", help="print the Kubernetes objects the resources become")
+    r.add_argument("-f", "--filename", required=True, help="manifest file (- for stdin)")
+    r.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    r.add_argument("--registry", help="image registry of kaito-serve/-tune/-rag (default ghcr.io/kaito-project/kaito)")
+    r.add_argument("--tag", help="image tag (default: this kaito's version)")
+    r.set_defaults(func=cmd_render)
+
+    c = sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
+    c.set_defaults(func=cmd_crds)
+
+    w = sub.add_parser("webhook", help="serve the validating admission webhook")
+    w.add_argument("--host", default="0.0.0.0")
+    w.add_argument("--port", type=int, default=9443)
+    w.add_argument("--tls-cert", help="PEM certificate (HTTPS)")
+    w.add_argument("--tls-key", help="PEM private key")
+    w.set_defaults(func=cmd_webhook)
+
+    local = sub.add_parser("local", help="run resources on this machine, without a cluster")
+    lsub = local.add_subparsers(dest="local_command", required=True)
+    a = lsub.add_parser("apply", help="start (or update) the resources in a file")
+    a.add_argument("-f", "--filename", required=True)
+    a.add_argument("--cpu", action="store_true", help="run on the CPU when the instance type's GPUs are missing")
+    a.add_argument("--wait", action="store_true", help="wait until ready (inference, RAG) or finished (tuning)")
+    a.add_argument("--timeout", type=float, default=600, help="seconds --wait waits (default %(default)s)")
+    a.set_defaults(func=cmd_apply)
+    for name, func, help_ in (("get", cmd_get, "state and conditions"), ("logs", cmd_logs, "process output"),
+                              ("delete", cmd_delete, "stop and clean up")):
+        s = lsub.add_parser(name, help=help_)
+        s.add_argument("name", nargs="?" if name != "logs" else None)
+        s.add_argument("--kind", choices=["Workspace", "RAGEngine"])
+        s.add_argument("-n", "--namespace")
+        if name == "get":
+            s.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+        if name == "logs":
+            s.add_argument("-f", "--follow", action="store_true")
+            s.add_argument("--tail", type=int, default=0, help="last N lines")
+        if name == "delete":
+            s.add_argument("-f", "--filename")
+        s.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(verbose=args.verbose)
+    try:
+        return args.func(args)
+    except (ManifestError, ValidationFailed, LocalError, PresetError) as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""CustomResourceDefinitions generated from the pydantic models in `api.py` (never written by hand).
+
+The models' JSON schema is turned into a Kubernetes structural schema: references inlined,
+optional fields as plain properties, `Any` mappings (pod templates, volume sources) marked
+`x-kubernetes-preserve-unknown-fields` as upstream does, and `metadata` left to the API server.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import yaml
+
+from .api import API_VERSIONS, RAGEngine, Resource, Workspace
+from .meta import GROUP, VERSION
+
+DROP = {"title", "default"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_structural(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs)
+    if "anyOf" in node:  # X | None  ->  X
+        options = [o for o in node["anyOf"] if o.get("type") != "null"]
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        if len(options) == 1:
+            return _structural({**options[0], **rest}, defs)
+        if all("type" in o and o["type"] != "object" and o["type"] != "array" for o in options):
+            return {**_structural(rest, defs), "x-kubernetes-int-or-string": True} if {
+                o["type"] for o in options} == {"integer", "string"} else _structural({**rest, "type": "string"}, defs)
+        raise ValueError(f"cannot express {node} in a structural schema")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in DROP or key == "$defs" or (key == "additionalProperties" and value is False):
+            continue
+        if key == "properties":
+            out[key] = {k: _structural(v, defs) for k, v in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _structural(value, defs)
+        elif key == "const":
+            out["enum"] = [value]
+        else:
+            out[key] = value
+    if "const" in node and "type" not in out:
+        out["type"] = "string"
+    if "properties" in out and out.get("additionalProperties") is True:  # extra="allow": keep unknown fields
+        del out["additionalProperties"]
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    elif out.get("type") == "object" and "properties" not in out and "additionalProperties" in out:
+        if out["additionalProperties"] == {} or out["additionalProperties"] is True:  # dict[str, Any]
+            del out["additionalProperties"]
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+@cache
+def _openapi(model: type[Resource]) -> dict[str, Any]:
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    out = _structural(schema, schema.get("$defs", {}))
+    out["properties"]["metadata"] = {"type": "object"}
+    out["properties"]["apiVersion"] = {"type": "string"}
+    out["properties"]["kind"] = {"type": "string"}
+    out["required"] = [r for r in out.get("required", []) if r not in ("metadata", "apiVersion", "kind")]
+    if not out["required"]:
+        del out["required"]
+    out.pop("description", None)
+    out["description"] = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else model.__name__
+    return out
+
+
+def resource_schema(kind: str) -> dict[str, Any]:
+    """The openAPIV3Schema of a kaito kind (for checking objects against it)."""
+    return _openapi({"Workspace": Workspace, "RAGEngine": RAGEngine}[kind])
+
+
+def _condition_column(name: str) -> dict[str, str]:
+    return {"name": name, "type": "string", "jsonPath": f'.status.conditions[?(@.type=="{name}")].status'}
+
+
+PRINTER_COLUMNS = {
+    "Workspace": [
+        {"name": "Instance", "type": "string", "jsonPath": ".resource.instanceType"},
+        _condition_column("ResourceReady"),
+        _condition_column("InferenceReady"),
+        _condition_column("JobStarted"),
+        _condition_column("WorkspaceSucceeded"),
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
+    "RAGEngine": [
+        {"name": "Instance", "type": "string", "jsonPath": ".spec.compute.instanceType"},
+        _condition_column("ResourceReady"),
+        _condition_column("ServiceReady"),
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
+}
+NAMES = {
+    "Workspace": {"kind": "Workspace", "listKind": "WorkspaceList", "plural": "workspaces", "singular": "workspace",
+                  "shortNames": ["wk", "wks"], "categories": ["workspace"]},
+    "RAGEngine": {"kind": "RAGEngine", "listKind": "RAGEngineList", "plural": "ragengines", "singular": "ragengine",
+                  "shortNames": ["rag"], "categories": ["ragengine"]},
+}
+
+
+def crd(kind: str) -> dict[str, Any]:
+    names = NAMES[kind]
+    schema = resource_schema(kind)
+    versions = []
+    for api_version in API_VERSIONS:  # v1beta1 stored; v1alpha1 served with the same schema
+        version = api_version.split("/")[1]
+        versions.append({
+            "name": version,
+            "served": True,
+            "storage": version == VERSION,
+            "schema": {"openAPIV3Schema": schema},
+            "subresources": {"status": {}},
+            "additionalPrinterColumns": PRINTER_COLUMNS[kind],
+            **({} if version == VERSION else {"deprecated": True,
+                                              "deprecationWarning": f"{GROUP}/{version} {kind} is deprecated; use "
+                                                                    f"{GROUP}/{VERSION}"}),
+        })
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{names['plural']}.{GROUP}"},
+        "spec": {"group": GROUP, "names": names, "scope": "Namespaced", "versions": versions},
+    }
+
+
+def crds() -> list[dict[str, Any]]:
+    return [crd("Workspace"), crd("RAGEngine")]
+
+
+def crds_yaml() -> str:
+    return yaml.safe_dump_all(crds(), sort_keys=False, width=120)

@@ -1,0 +1,43 @@
+"""The validating admission webhook: an aiohttp app (aiohttp comes with kopf, in the operator extra)
+whose `POST /validate` answers Kubernetes AdmissionReviews with `validation.admission_review`.
+
+The API server only calls webhooks over HTTPS: give `--tls-cert`/`--tls-key` (the controller of
+issue 7 serves the same function over its own HTTPS endpoint and supplies a ConfigMap lookup from
+the cluster; without one, referenced ConfigMaps are not checked here).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+
+from aiohttp import web
+
+from .validation import Lookup, admission_review
+
+
+def app(lookup: Lookup | None = None) -> web.Application:
+    async def validate(request: web.Request) -> web.Response:
+        try:
+            review = await request.json()
+        except json.JSONDecodeError:
+            return web.json_response({"error": "the body must be an AdmissionReview (JSON)"}, status=400)
+        if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
+            return web.json_response({"error": "the body must be an AdmissionReview"}, status=400)
+        return web.json_response(admission_review(review, lookup))
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    application = web.Application(client_max_size=4 * 2**20)
+    application.router.add_post("/validate", validate)
+    application.router.add_get("/healthz", healthz)
+    return application
+
+
+def serve(host: str, port: int, cert: str | None = None, key: str | None = None) -> None:
+    context = None
+    if cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+    web.run_app(app(), host=host, port=port, ssl_context=context, print=None)
