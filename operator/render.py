@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kaito.presets import Estimate, GPUSku, InferenceConfig, ModelPreset, build_vllm_command, get_sku
+from kaito.presets import Estimate, GPUSku, InferenceConfig, ModelPreset, build_vllm_command, catalogue, get_sku
 from kaito.presets.estimator import disk_gib, estimate
 from pydantic import BaseModel
 
@@ -383,7 +383,10 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
         container["readinessProbe"] = {**exec_probe, "periodSeconds": 5, "failureThreshold": 3}
     pod_annotations = {}
     if plan.engine_args:
-        pod_annotations["kaito.sh/engine-args"] = shlex.join(plan.engine_args)
+        # files shipped with the presets (chat templates) by their package path, not this host's path
+        presets_dir = str(Path(catalogue.__file__).parent)
+        args = [a.replace(presets_dir, "kaito.presets") for a in plan.engine_args]
+        pod_annotations["kaito.sh/engine-args"] = shlex.join(args)
     affinity: dict[str, Any] = {}
     node_affinity = _node_affinity(ws.resource.label_selector)
     if node_affinity:
