@@ -171,6 +171,8 @@ def test_formats_shapes_and_renamed_columns(tmp_path):
                                     '{""role"": ""assistant"", ""content"": ""y""}]"\n')
     cfg = parse_config({"DatasetConfig": {"messages_column": "convo"}}, "lora", tmp_path).DatasetConfig
     assert read_rows([tmp_path / "d.csv"], cfg)[0].messages[1]["content"] == "y"
+    only = parse_config({"DatasetConfig": {"dataset_path": "/data/b.parquet"}}, "lora", tmp_path).DatasetConfig
+    assert data_files([str(tmp_path)], only, max_bytes=1, allow_private=False) == [tmp_path / "b.parquet"]
     (tmp_path / "e.txt").write_text("x")
     with pytest.raises(ConfigError, match="unknown data format"):
         read_rows([tmp_path / "e.txt"], cfg)

@@ -292,9 +292,12 @@ def tokenize(row: Row, tokenizer, max_len: int, completion_only: bool) -> dict[s
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)) if i else 0
-        end = len(tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False))
-        spans.append((start, end))
+        head = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
+        if not (full.startswith(upto) and upto.startswith(head)):
+            raise ConfigError(f"{row.source}: the chat template renders earlier turns differently in a longer "
+                              "conversation, so the answer tokens cannot be told apart; split the conversation")
+        spans.append((len(head), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"][:max_len]
     if not completion_only:

@@ -367,7 +367,6 @@ def run(job: Job, tokenizer, target_modules) -> dict[str, Any]:
     if resume is not None and resolved_file.is_file() and yaml.safe_load(resolved_file.read_text()) != resolved:
         raise ConfigError(f"{out} holds checkpoints of a run with another config ({resolved_file}); "
                           "give another output dir, or remove its checkpoints folder to start over")
-    resolved_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     targs = cfg.TrainingArguments.kwargs()
     targs.update(output_dir=str(ckpt_dir), disable_tqdm=True, include_num_input_tokens_seen=True,
@@ -388,6 +387,7 @@ def run(job: Job, tokenizer, target_modules) -> dict[str, Any]:
         args = TrainingArguments(**targs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"TrainingArguments: {e}") from None
+    resolved_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
     set_seed(args.seed)
 
     max_len = cfg.DatasetConfig.max_seq_length
