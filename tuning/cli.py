@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
-from rich.markup import escape
-
 from kaito.presets import DEFAULT_MODEL, PresetError, get_model, model_folder
 from kaito.presets.logs import setup_logging
+from rich.console import Console
+from rich.markup import escape
 
 from .config import ConfigError, load_config
 from .data import data_files, max_download_bytes, read_rows, split

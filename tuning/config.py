@@ -103,7 +103,7 @@ class _LibrarySection(Section):
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
-            raise ValueError(f"must be a mapping of keys to values, not {type(data).__name__}")
+            raise ValueError(f"must be a mapping of keys to values, not {type(data).__name__}")  # noqa: TRY004 (pydantic)
         refused = cls.refused
         for key in data:
             if key in refused:
@@ -228,7 +228,7 @@ def parse_config(data: dict[str, Any] | None, method: Method, output_root: Path)
     if set(data) == {"training_config"} or "training_config" in data:
         extra = set(data) - {"training_config"}
         if extra:
-            raise ConfigError(f"unknown top-level key {sorted(extra)[0]!r}: everything goes under training_config")
+            raise ConfigError(f"unknown top-level key {min(extra)!r}: everything goes under training_config")
         data = dict(data["training_config"] or {})
     if not isinstance(data, dict):
         raise ConfigError("training_config must be a mapping of sections")

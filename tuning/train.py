@@ -11,7 +11,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,9 @@ def load_model(model_path: str, config: TrainingConfig, target_modules):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     mc = config.ModelConfig
-    kwargs: dict[str, Any] = dict(dtype=_dtype(config), local_files_only=mc.local_files_only, revision=mc.revision,
-                                  cache_dir=mc.cache_dir, trust_remote_code=mc.trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": _dtype(config), "local_files_only": mc.local_files_only,
+                              "revision": mc.revision, "cache_dir": mc.cache_dir,
+                              "trust_remote_code": mc.trust_remote_code}
     if mc.attn_implementation:
         kwargs["attn_implementation"] = mc.attn_implementation
     if _device() == "cuda":
@@ -218,7 +219,7 @@ class Monitor:
         from prometheus_client import CollectorRegistry, Gauge
 
         self.registry = CollectorRegistry()
-        g = lambda name, doc: Gauge(f"kaito_tune_{name}", doc, registry=self.registry)  # noqa: E731
+        g = lambda name, doc: Gauge(f"kaito_tune_{name}", doc, registry=self.registry)
         self.g = {
             "step": g("step", "optimizer steps done"), "max_steps": g("max_steps", "optimizer steps in the run"),
             "epoch": g("epoch", "epochs done"), "loss": g("loss", "last logged training loss"),
@@ -439,7 +440,7 @@ def run(job: Job, tokenizer, target_modules) -> dict[str, Any]:
             tokenizer.save_pretrained(out)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             (out / MARKER).write_text(f"Fine-Tuning completed at {stamp}\n")  # last: the image pusher waits for it
         return metrics
     finally:
