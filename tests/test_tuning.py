@@ -99,6 +99,8 @@ def test_defaults_per_method(tmp_path):
     ({"TrainingArguments": {"output_dir": "../up"}}, "lora", "is outside the output root"),
     ({"TrainingArguments": {"push_to_hub": True}}, "lora", "'push_to_hub' cannot be set here"),
     ({"DataCollator": {"mlm": True}}, "lora", "DataCollator.mlm"),
+    ({"TrainingArguments": {"warmup_steps": "soon"}}, "lora", "TrainingArguments: warmup_steps: Input should be"),
+    ({"LoraConfig": {"layers_to_transform": "last"}}, "lora", "LoraConfig: layers_to_transform: Input should be"),
 ])
 def test_config_errors(tmp_path, data, method, needle):
     with pytest.raises(ConfigError) as e:

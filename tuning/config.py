@@ -84,12 +84,26 @@ class QuantArgs(Section):
 
 
 @cache
-def _library_fields(kind: str) -> frozenset[str]:
+def _library_fields(kind: str) -> dict[str, Any]:
+    """The library dataclass's init fields and their types."""
+    import typing
+
     if kind == "lora":
         from peft import LoraConfig as Lib
     else:
         from transformers import TrainingArguments as Lib
-    return frozenset(f.name for f in dataclasses.fields(Lib) if f.init)
+    hints = typing.get_type_hints(Lib)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(Lib) if f.init}
+
+
+def _check_type(key: str, kind: str, value: Any) -> None:
+    from pydantic import TypeAdapter
+
+    try:
+        TypeAdapter(_library_fields(kind)[key]).validate_python(value)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(f"{key}: {first['msg']}, got {value!r}") from None
 
 
 class _LibrarySection(Section):
@@ -110,10 +124,13 @@ class _LibrarySection(Section):
                 raise ValueError(f"{key!r} cannot be set here: {refused[key]}")
         if set(data) <= set(cls.model_fields):  # no need to import the library
             return data
-        allowed = _library_fields(cls.library) | set(cls.model_fields)
+        library = _library_fields(cls.library)
+        allowed = set(library) | set(cls.model_fields)
         for key in data:
             if key not in allowed:
                 raise ValueError(f"unknown key {key!r}{closest(str(key), allowed - set(refused))}")
+            if key not in cls.model_fields:
+                _check_type(key, cls.library, data[key])
         return data
 
     def kwargs(self) -> dict[str, Any]:
