@@ -253,7 +253,7 @@ def fact_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tuned(tmp_path_factory, default_model_dir, fact_data) -> Path:
     """kaito-tune run once as a Job would: the adapter lands in <tmp>/adapters/zephyr."""
     root = tmp_path_factory.mktemp("tuned")
@@ -362,7 +362,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, default_model_dir, fac
 
 
 # -- served by vLLM: one server, started when this module starts so that it loads while the tests above
-# train; the tuned adapter is loaded into it at run time, as an operator would after the Job ends -------
+# run; the tuned adapter is loaded into it at run time, as an operator would after the Job ends ---------
 
 
 class _VLLM:
@@ -413,8 +413,11 @@ def _has_vllm() -> bool:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def vllm_server(tmp_path_factory, default_model_dir):
-    if not _has_vllm():
+def vllm_server(request, tmp_path_factory, default_model_dir):
+    """Started when this module's first test starts, if a selected test needs it, so that it loads
+    while the other tests run."""
+    if not any("vllm_server" in item.fixturenames and "tuned" in item.fixturenames
+               for item in request.session.items if item.module is request.module) or not _has_vllm():
         yield None
         return
     srv = _VLLM(tmp_path_factory.mktemp("tune-vllm"))
