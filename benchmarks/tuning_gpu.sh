@@ -6,7 +6,7 @@
 #   MODEL=/path/to/model STEPS=800 OUT=$OUT bash benchmarks/tuning_gpu.sh
 #
 # Needs torch (CUDA), transformers, peft, accelerate, pydantic, pyyaml, prometheus-client; bitsandbytes
-# for QLoRA; trl + datasets for the baseline (skipped, with a line saying so, when missing).
+# for QLoRA; trl + datasets (extra `bench`) for the baseline (skipped, with a line saying so, when missing).
 # WHEELS=dir installs wheels from that folder first (no index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
