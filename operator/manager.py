@@ -1,0 +1,92 @@
+"""Running the controller: kopf with the handlers of controller.py (and the Azure provisioner's), a
+Lease for leader election, Prometheus metrics and the validating webhook over HTTPS.
+
+Leader election uses the `kubernetes` client's LeaseLock: a replica acquires the Lease before it
+starts kopf, renews it in a thread, and exits (to be restarted as a follower) the moment it cannot
+renew, so two replicas never act at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import ssl
+import threading
+
+import kopf
+import logging
+
+from .controller import Config, register
+from .kube import load_config
+from .render import RenderOptions
+
+log = logging.getLogger("kaito.operator")
+
+
+def lead(namespace: str, name: str, identity: str) -> None:
+    """Block until this replica holds the Lease; then keep renewing it in a thread (exit when lost)."""
+    from kubernetes.leaderelection import electionconfig, leaderelection
+    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+    def lost() -> None:
+        log.error("leader election lost: stopping", extra={"identity": identity})
+        os._exit(1)
+
+    cfg = electionconfig.Config(LeaseLock(name, namespace, identity), lease_duration=15, renew_deadline=10,
+                                retry_period=2, onstarted_leading=lambda: None, onstopped_leading=lost)
+    election = leaderelection.LeaderElection(cfg)
+    election.acquire()
+    log.info("leading", extra={"identity": identity, "lease": f"{namespace}/{name}"})
+
+    def renew() -> None:
+        election.renew_loop()
+        lost()
+
+    threading.Thread(target=renew, name="lease-renewer", daemon=True).start()
+
+
+def run(args: argparse.Namespace) -> int:
+    load_config()
+    identity = f"{socket.gethostname()}-{os.getpid()}"
+    if args.leader_elect:
+        lead(args.lease_namespace, args.lease_name, identity)
+    opts = RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
+                         **({"image_tag": args.tag} if args.tag else {}))
+    cfg = Config(auto_provision=args.auto_provision, resync=args.resync, render=opts)
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    register(registry, cfg)
+    if args.provisioner == "azure":
+        from .azure import register as register_azure
+
+        register_azure(registry)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+    if args.webhook_port:
+        _webhook(registry, args)
+    log.info("kaito-operator running", extra={"auto_provision": cfg.auto_provision, "provisioner": args.provisioner,
+                                                "namespaces": args.namespace or "all"})
+    kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace, namespaces=args.namespace,
+             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None)
+    return 0
+
+
+def _webhook(registry: kopf.OperatorRegistry, args: argparse.Namespace) -> None:
+    """Part 1's admission app (webhook.app) on the operator's own event loop, over HTTPS."""
+    from aiohttp import web
+
+    from .webhook import app
+
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("--webhook-port needs --tls-cert and --tls-key (the API server calls webhooks over HTTPS)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+
+    @kopf.on.startup(registry=registry)
+    async def start_webhook(**_: object) -> None:
+        runner = web.AppRunner(app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", args.webhook_port, ssl_context=context).start()
