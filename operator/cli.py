@@ -225,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--leader-elect", action="store_true", help="one active replica, by a coordination.k8s.io Lease")
     o.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "kaito-system"))
     o.add_argument("--lease-name", default="kaito-operator")
+    o.add_argument("--lease-duration", type=int, default=15, help="seconds a leader's Lease lasts unrenewed")
     o.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
     o.add_argument("--health-port", type=int, default=0, help="liveness /healthz on this port (0: off)")
     o.add_argument("--webhook-port", type=int, default=0, help="serve the validating webhook on this port (0: off)")

@@ -24,7 +24,7 @@ from .render import RenderOptions
 log = logging.getLogger("kaito.operator")
 
 
-def lead(namespace: str, name: str, identity: str) -> None:
+def lead(namespace: str, name: str, identity: str, duration: int = 15) -> None:
     """Block until this replica holds the Lease; then keep renewing it in a thread (exit when lost)."""
     from kubernetes.leaderelection import electionconfig, leaderelection
     from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
@@ -33,8 +33,11 @@ def lead(namespace: str, name: str, identity: str) -> None:
         log.error("leader election lost: stopping", extra={"identity": identity})
         os._exit(1)
 
-    cfg = electionconfig.Config(LeaseLock(name, namespace, identity), lease_duration=15, renew_deadline=10,
-                                retry_period=2, onstarted_leading=lambda: None, onstopped_leading=lost)
+    retry = max(1, duration // 6)
+    renew = max(int(retry * 1.2) + 1, duration * 2 // 3)
+    cfg = electionconfig.Config(LeaseLock(name, namespace, identity), lease_duration=max(duration, renew + 1),
+                                renew_deadline=renew, retry_period=retry, onstarted_leading=lambda: None,
+                                onstopped_leading=lost)
     election = leaderelection.LeaderElection(cfg)
     election.acquire()
     log.info("leading", extra={"identity": identity, "lease": f"{namespace}/{name}"})
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     load_config()
     identity = f"{socket.gethostname()}-{os.getpid()}"
     if args.leader_elect:
-        lead(args.lease_namespace, args.lease_name, identity)
+        lead(args.lease_namespace, args.lease_name, identity, args.lease_duration)
     opts = RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
                          **({"image_tag": args.tag} if args.tag else {}))
     cfg = Config(auto_provision=args.auto_provision, resync=args.resync, render=opts)

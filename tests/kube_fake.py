@@ -165,6 +165,7 @@ class KubeFake:
         self.changed: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0
+        self.history_limit = HISTORY
         self.url = ""
 
     # --- kinds ------------------------------------------------------------------------------------
@@ -180,8 +181,8 @@ class KubeFake:
 
     def _emit(self, kind: Kind, type_: str, obj: dict) -> None:
         self.history.append((self.rv, self.kkey(kind), type_, copy.deepcopy(obj)))
-        if len(self.history) > HISTORY:
-            del self.history[: len(self.history) - HISTORY]
+        if len(self.history) > self.history_limit:
+            del self.history[: len(self.history) - self.history_limit]
         assert self.changed is not None
         self.changed.set()
         self.changed = asyncio.Event()
@@ -510,9 +511,9 @@ class KubeFake:
             self.changed = asyncio.Event()
             app = web.Application(client_max_size=64 * 2**20)
             app.router.add_route("*", "/{tail:.*}", self.handle)
-            self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+            self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
             self.loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, host, port, shutdown_timeout=0.5)
+            site = web.TCPSite(self._runner, host, port)
             self.loop.run_until_complete(site.start())
             sock = site._server.sockets[0]  # type: ignore[union-attr]
             self.url = f"http://{host}:{sock.getsockname()[1]}"
