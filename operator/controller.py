@@ -106,11 +106,9 @@ def classify_pod(pod: dict) -> tuple[str, str] | None:
 
 def claim_failure(claim: dict) -> str | None:
     """A NodeClaim's cloud error (quota, SKU not available...), as the provisioner reported it."""
-    for type_ in ("Launched", "Ready"):
-        c = _cond(claim, type_)
-        if c and c.get("status") == "False" and c.get("reason") not in (None, "", "Pending", "Launching",
-                                                                          "NotLaunched", "Provisioning"):
-            return f"{claim['metadata']['name']}: {c.get('reason')}: {c.get('message', '')}".strip()
+    c = _cond(claim, "Launched")
+    if c and c.get("status") == "False" and c.get("reason") not in (None, "", "Pending", "Launching", "NotLaunched"):
+        return f"{claim['metadata']['name']}: {c.get('reason')}: {c.get('message', '')}".strip()
     return None
 
 

@@ -49,7 +49,8 @@ def lead(namespace: str, name: str, identity: str, duration: int = 15) -> None:
     threading.Thread(target=renew, name="lease-renewer", daemon=True).start()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, azure_credential: object = None) -> int:
+    """`kaito-operator run`; azure_credential replaces azure-identity's DefaultAzureCredential."""
     load_config()
     identity = f"{socket.gethostname()}-{os.getpid()}"
     if args.leader_elect:
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.provisioner == "azure":
         from .azure import register as register_azure
 
-        register_azure(registry)
+        register_azure(registry, credential=azure_credential)
     if args.metrics_port:
         from prometheus_client import start_http_server
 

@@ -120,14 +120,17 @@ class Cluster:
 class Operator:
     """`kaito-operator run` as a process, pointed at the fake through a kubeconfig."""
 
-    def __init__(self, kubeconfig: str, *args: str, log_path: Path) -> None:
+    def __init__(self, kubeconfig: str, *args: str, log_path: Path, exe: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.kubeconfig, self.args, self.log_path = kubeconfig, args, log_path
+        self.exe = exe or [str(BIN / "kaito-operator")]
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Operator:
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig}
+        env = {**os.environ, **self.env, "KUBECONFIG": self.kubeconfig}
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([str(BIN / "kaito-operator"), "run", *self.args], env=env, stdout=log,
+            self.proc = subprocess.Popen([*self.exe, "run", *self.args], env=env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
