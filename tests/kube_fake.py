@@ -17,7 +17,8 @@ the operator uses (`tests/test_operator_controller_fake.py` pins each behaviour)
 - finalizers (delete sets `deletionTimestamp`; the object goes when the last finalizer does) and
   the garbage collector's cascade along `ownerReferences` (background and foreground alike; orphan
   leaves dependents);
-- CustomResourceDefinitions: creating one serves its resource.
+- CustomResourceDefinitions: creating one serves its resource;
+- an audit of the verbs and resources a client asked for (to check RBAC rules against).
 
 Not covered (the README says so too): authentication and RBAC, admission webhooks and schema
 validation of bodies, server-side apply, defaulting, pods' graceful deletion, namespace existence
@@ -166,6 +167,8 @@ class KubeFake:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0
         self.history_limit = HISTORY
+        self.audit: set[tuple[str, str, str]] = set()  # (verb, group, resource[/sub]) asked with `audit_token`
+        self.audit_token = "fake-token"  # the token of kubeconfig(): the operator's requests
         self.url = ""
 
     # --- kinds ------------------------------------------------------------------------------------
@@ -387,6 +390,10 @@ class KubeFake:
             return status_error(404, "NotFound", "the server could not find the requested resource")
         q = request.query
         m = request.method
+        if request.headers.get("Authorization") == f"Bearer {self.audit_token}":
+            verb = {"GET": "get" if name else ("watch" if q.get("watch") in ("true", "1") else "list"),
+                    "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(m, m)
+            self.audit.add((verb, kind.group, kind.plural + (f"/{sub}" if sub else "")))
         if name is None:
             if m == "GET" and q.get("watch") in ("true", "1"):
                 return await self._watch(request, kind, ns)

@@ -16,7 +16,29 @@ from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 
 BIN = Path(sys.executable).parent
-GROUP_VERSION = "kaito.sh/v1beta1"
+EXAMPLES = Path(__file__).resolve().parents[1] / "operator" / "examples"
+WS = GROUP_VERSION = "kaito.sh/v1beta1"
+NC = "karpenter.sh/v1"
+
+
+def example(name: str, new_name: str | None = None) -> dict:
+    """An example manifest of operator/examples, as v1beta1, renamed."""
+    doc = yaml.safe_load((EXAMPLES / name).read_text())
+    doc["apiVersion"] = WS
+    if new_name:
+        doc["metadata"]["name"] = new_name
+    return doc
+
+
+def inference(name: str, selector: str | None = None) -> dict:
+    """The phi-4 example Workspace (one A100 node) named `name`, its nodes labelled apps=<selector or name>."""
+    doc = example("kaito_workspace_phi_4.yaml", name)
+    doc["resource"]["labelSelector"]["matchLabels"] = {"apps": selector or name}
+    return doc
+
+
+def state(cluster: Cluster, name: str) -> str | None:
+    return ((cluster.workspace(name) or {}).get("status") or {}).get("state")
 
 
 def wait_for(fn, timeout: float = 30, what: str = "condition", every: float = 0.1):

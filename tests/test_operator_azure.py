@@ -11,8 +11,7 @@ from arm_fake import ArmFake
 from azure_operator import StaticToken
 from helpers import REPO
 from kube_fake import KubeFake
-from kube_sim import Cluster, Operator, wait_for
-from test_operator_controller import NC, WS, inference, state
+from kube_sim import NC, Cluster, Operator, inference, state, wait_for
 
 from kaito.operator.azure import Azure, AzureSettings, CloudError, claim_facts, garbage_collect, pool_name
 
@@ -146,7 +145,7 @@ def test_workspace_on_azure_from_create_to_delete(azure_env):
     assert cluster.get(NC, "NodeClaim", claim_name, None)["status"]["nodeName"] == f"aks-{claim_name}-vmss000000"
     cluster.statefulset_ready("az-ws")
     wait_for(lambda: state(cluster, "az-ws") == "Ready", 20, "Workspace Ready")
-    cluster.delete(WS, "Workspace", "az-ws")
+    cluster.delete("kaito.sh/v1beta1", "Workspace", "az-ws")
     wait_for(lambda: cluster.workspace("az-ws") is None, 30, "Workspace gone")
     assert arm.pools() == [] and cluster.get(NC, "NodeClaim", claim_name, None) is None
 

@@ -10,29 +10,11 @@ import time
 
 import httpx
 import pytest
-import yaml
-from helpers import REPO, free_port
+from helpers import free_port
 from kube_fake import KubeFake
-from kube_sim import Cluster, Operator, wait_for
+from kube_sim import NC, WS, Cluster, Operator, example, inference, state, wait_for
 
 pytestmark = pytest.mark.timeout(180)
-EXAMPLES = REPO / "operator" / "examples"
-WS = "kaito.sh/v1beta1"
-NC = "karpenter.sh/v1"
-
-
-def example(name: str, new_name: str | None = None) -> dict:
-    doc = yaml.safe_load((EXAMPLES / name).read_text())
-    doc["apiVersion"] = WS
-    if new_name:
-        doc["metadata"]["name"] = new_name
-    return doc
-
-
-def inference(name: str, selector: str | None = None) -> dict:
-    doc = example("kaito_workspace_phi_4.yaml", name)
-    doc["resource"]["labelSelector"]["matchLabels"] = {"apps": selector or name}
-    return doc
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +42,6 @@ def env(tmp_path_factory, tls):
     yield cluster, op, ports, fake
     op.kill()
     fake.stop()
-
-
-def state(cluster: Cluster, name: str) -> str | None:
-    return ((cluster.workspace(name) or {}).get("status") or {}).get("state")
 
 
 def test_inference_workspace_to_ready(env):
