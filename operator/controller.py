@@ -122,6 +122,7 @@ class Nodes:
     message: str
     names: list[str]
     failed: bool = False  # a cloud error, not just waiting
+    claims_ready: bool = False  # every NodeClaim says Ready (its node may still lack GPUs)
 
 
 def nodes_status(kube: Kube, cfg: Config, res: Resource, claims: list[dict], need: int) -> Nodes:
@@ -141,10 +142,12 @@ def nodes_status(kube: Kube, cfg: Config, res: Resource, claims: list[dict], nee
             return Nodes(False, "GPUMismatch", msg, names, failed=True)
         return Nodes(True, "NodesReady", f"{need} GPU node(s) match the label selector (bring your own nodes)", names)
     names, waiting = [], []
+    claims_ready = True
     for claim in claims:
         live = kube.get(*NODECLAIM, claim["metadata"]["name"])
         if live is None:
             waiting.append(f"{claim['metadata']['name']} not created")
+            claims_ready = False
             continue
         if err := claim_failure(live):
             return Nodes(False, "NodeClaimFailed", err, names, failed=True)
@@ -152,6 +155,7 @@ def nodes_status(kube: Kube, cfg: Config, res: Resource, claims: list[dict], nee
         node_name = (live.get("status") or {}).get("nodeName")
         if not (ready and ready.get("status") == "True" and node_name):
             waiting.append(f"{live['metadata']['name']} not ready")
+            claims_ready = False
             continue
         names.append(node_name)
     for name in preferred:
@@ -163,8 +167,9 @@ def nodes_status(kube: Kube, cfg: Config, res: Resource, claims: list[dict], nee
         elif node_gpus(node) == 0:
             waiting.append(f"node {name} reports no {GPU} capacity yet")
     if waiting:
-        return Nodes(False, "NodesPending", "; ".join(waiting[:3]) + (" ..." if len(waiting) > 3 else ""), names)
-    return Nodes(True, "NodesReady", f"{len(names)} GPU node(s) ready", sorted(names))
+        return Nodes(False, "NodesPending", "; ".join(waiting[:3]) + (" ..." if len(waiting) > 3 else ""), names,
+                     claims_ready=claims_ready)
+    return Nodes(True, "NodesReady", f"{len(names)} GPU node(s) ready", sorted(names), claims_ready=True)
 
 
 def nfd_mismatch(nodes: list[dict], instance_type: str | None) -> str | None:
@@ -262,8 +267,8 @@ def reconcile(kube: Kube, cfg: Config, kind: str, namespace: str, name: str) -> 
     nodes = nodes_status(kube, cfg, res, claims, need)
     status["workerNodes"] = nodes.names
     if cfg.auto_provision:
-        conds.append(("NodeClaimReady", nodes.ready or (nodes.reason == "NodesPending" and _claims_ready(
-            kube, claims)), nodes.reason if not nodes.ready else "NodeClaimsReady", nodes.message))
+        conds.append(("NodeClaimReady", nodes.claims_ready, "NodeClaimsReady" if nodes.claims_ready else nodes.reason,
+                      f"{len(claims)} NodeClaim(s) ready" if nodes.claims_ready else nodes.message))
     conds.append(("ResourceReady", nodes.ready, nodes.reason, nodes.message))
     selector = {("kaito.sh/workspace" if kind == "Workspace" else "kaito.sh/ragengine"): name}
     state: str
@@ -320,14 +325,6 @@ def reconcile(kube: Kube, cfg: Config, kind: str, namespace: str, name: str) -> 
     status["conditions"] = conditions(old_status.get("conditions"), conds, generation)
     _write(kube, kind, namespace, name, old_status, status)
     return state
-
-
-def _claims_ready(kube: Kube, claims: list[dict]) -> bool:
-    for c in claims:
-        live = kube.get(*NODECLAIM, c["metadata"]["name"])
-        if not live or (_cond(live, "Ready") or {}).get("status") != "True":
-            return False
-    return True
 
 
 def _node_count(ws: Workspace, workload: list[dict]) -> int:

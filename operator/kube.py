@@ -4,6 +4,9 @@ gives them, and `apply` is idempotent (create, or merge-patch only what differs 
 
 from __future__ import annotations
 
+import os
+import tempfile
+import threading
 from typing import Any
 
 from kubernetes import client, config
@@ -45,11 +48,21 @@ def selector_string(labels: dict[str, str] | None = None, expressions: list[dict
 
 
 class Kube:
+    """Safe to share between threads: discovery (lazy, cached in a file of this client's own) runs under a lock."""
+
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.dyn = DynamicClient(api_client or client.ApiClient())
+        cache = os.path.join(tempfile.gettempdir(), f"kaito-discovery-{os.getpid()}-{id(self)}.json")
+        self._lock = threading.Lock()
+        self._resources: dict[tuple[str, str], Any] = {}
+        with self._lock:
+            self.dyn = DynamicClient(api_client or client.ApiClient(), cache_file=cache)
 
     def _res(self, api_version: str, kind: str):
-        return self.dyn.resources.get(api_version=api_version, kind=kind)
+        key = (api_version, kind)
+        if key not in self._resources:
+            with self._lock:
+                self._resources[key] = self.dyn.resources.get(api_version=api_version, kind=kind)
+        return self._resources[key]
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict | None:
         try:

@@ -32,6 +32,7 @@ import copy
 import json
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -168,7 +169,8 @@ class KubeFake:
         self.requests = 0
         self.history_limit = HISTORY
         self.audit: set[tuple[str, str, str]] = set()  # (verb, group, resource[/sub]) asked with `audit_token`
-        self.audit_token = "fake-token"  # the token of kubeconfig(): the operator's requests
+        self.audit_token = "fake-token"
+        self.created_at: dict[tuple[str, str, str], float] = {}  # key -> time.monotonic() of its creation  # the token of kubeconfig(): the operator's requests
         self.url = ""
 
     # --- kinds ------------------------------------------------------------------------------------
@@ -217,6 +219,7 @@ class KubeFake:
             body.pop("status", None)
         self._bump(body)
         self.objects[key] = body
+        self.created_at[key] = time.monotonic()
         self._emit(kind, "ADDED", body)
         if kind.kind == "CustomResourceDefinition":
             spec = body.get("spec", {})

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,10 +60,13 @@ class Cluster:
         cfg.host = url
         cfg.api_key = {"authorization": "Bearer fake"}
         self.api = client.ApiClient(cfg)
-        self.dyn = DynamicClient(self.api)
+        self._lock = threading.Lock()  # discovery is not thread-safe
+        self._cache = os.path.join(tempfile.mkdtemp(prefix="kube-sim-"), "discovery.json")
+        self.dyn = DynamicClient(self.api, cache_file=self._cache)
 
     def r(self, api_version: str, kind: str):
-        return self.dyn.resources.get(api_version=api_version, kind=kind)
+        with self._lock:
+            return self.dyn.resources.get(api_version=api_version, kind=kind)
 
     def install_crds(self) -> None:
         from kaito.operator.crds import crds_yaml
@@ -69,7 +74,9 @@ class Cluster:
         crd = self.r("apiextensions.k8s.io/v1", "CustomResourceDefinition")
         for doc in yaml.safe_load_all(crds_yaml()):
             crd.create(body=doc)
-        self.dyn = DynamicClient(self.api)  # discovery again: the new kinds
+        with self._lock:  # discovery again: the new kinds
+            self.dyn = DynamicClient(self.api, cache_file=self._cache)
+            self.dyn.resources.invalidate_cache()
 
     def create(self, doc: dict) -> dict:
         res = self.r(doc["apiVersion"], doc["kind"])
