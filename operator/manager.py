@@ -18,7 +18,7 @@ import kopf
 import logging
 
 from .controller import Config, register
-from .kube import load_config
+from .kube import Kube, load_config
 from .render import RenderOptions
 
 log = logging.getLogger("kaito.operator")
@@ -89,8 +89,18 @@ def _webhook(registry: kopf.OperatorRegistry, args: argparse.Namespace) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(args.tls_cert, args.tls_key)
 
+    kube: list[Kube] = []
+
+    def lookup_in(namespace: str):
+        if not kube:
+            kube.append(Kube())
+
+        def lookup(kind: str, name: str) -> dict | None:
+            return kube[0].get("v1", kind, name, namespace)
+        return lookup
+
     @kopf.on.startup(registry=registry)
     async def start_webhook(**_: object) -> None:
-        runner = web.AppRunner(app(), access_log=None)
+        runner = web.AppRunner(app(lookup_in=lookup_in), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", args.webhook_port, ssl_context=context).start()

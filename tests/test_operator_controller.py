@@ -231,9 +231,19 @@ def test_metrics_and_webhook(env, tls):
     bad["resource"]["instanceType"] = "Standard_NC4as_T4_v3"
     review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
               "request": {"uid": "u1", "operation": "CREATE", "object": bad}}
+    url = f"https://127.0.0.1:{ports['webhook']}/validate"
     with httpx.Client(verify=ssl.create_default_context(cafile=str(tls[0]))) as c:
-        answer = c.post(f"https://127.0.0.1:{ports['webhook']}/validate", json=review, timeout=10).json()
-    assert answer["response"]["allowed"] is False and "GPU memory" in answer["response"]["status"]["message"]
+        answer = c.post(url, json=review, timeout=10).json()
+        assert answer["response"]["allowed"] is False and "GPU memory" in answer["response"]["status"]["message"]
+        # referenced ConfigMaps are read from the cluster, in the request's namespace
+        good = inference("ws-hook-config")
+        good["inference"]["config"] = "my-config"
+        review["request"].update(object=good, namespace="default")
+        answer = c.post(url, json=review, timeout=10).json()
+        assert "ConfigMap 'my-config' not found" in answer["response"]["status"]["message"]
+        cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "my-config", "namespace": "default"},
+                        "data": {"inference_config.yaml": "vllm:\n  max-model-len: 4096\n"}})
+        assert c.post(url, json=review, timeout=10).json()["response"]["allowed"] is True
 
 
 def _get(url: str) -> str | None:
