@@ -29,9 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from kube_fake import KubeFake  # noqa: E402
-from kube_sim import Cluster, inference  # noqa: E402
-from rich.progress import Progress  # noqa: E402
+from kube_fake import KubeFake
+from kube_sim import Cluster, inference
+from rich.progress import Progress
 
 OUT = REPO / "benchmarks" / "results"
 
@@ -56,10 +56,10 @@ def run_once(n: int, mode: str, progress: Progress) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             if mode == "operator":
-                log = open(Path(tmp) / "operator.log", "w")
-                op = subprocess.Popen([str(Path(sys.executable).parent / "kaito-operator"), "run", "--resync", "600"],
-                                      env={**os.environ, "KUBECONFIG": fake.kubeconfig(Path(tmp) / "kubeconfig")},
-                                      stdout=log, stderr=subprocess.STDOUT)
+                with open(Path(tmp) / "operator.log", "w") as log:  # the child keeps its own descriptor
+                    op = subprocess.Popen([str(Path(sys.executable).parent / "kaito-operator"), "run", "--resync",
+                                           "600"], env={**os.environ, "KUBECONFIG": fake.kubeconfig(Path(tmp) / "kc")},
+                                          stdout=log, stderr=subprocess.STDOUT)
                 cluster.create(inference("warm-up"))  # started and watching before the clock starts
                 t0 = time.monotonic()
                 while "warm-up" not in done_times(fake, ["warm-up"]):

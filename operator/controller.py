@@ -15,14 +15,14 @@ resource's label selector, and their GPUs from the NVIDIA feature-discovery labe
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from kaito.presets import PresetError, get_sku
-import logging
 from prometheus_client import Counter, Gauge, Histogram
 
 from .api import Resource, Workspace
@@ -54,7 +54,7 @@ class Config:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _cond(obj: dict, type_: str) -> dict | None:
@@ -90,8 +90,8 @@ def classify_pod(pod: dict) -> tuple[str, str] | None:
         terminated = (cs.get("state") or {}).get("terminated") or {}
         last = (cs.get("lastState") or {}).get("terminated") or {}
         if waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
-            return "ImagePullFailed", f"pod {name}: container {c} cannot pull {cs.get('image', 'its image')}: " \
-                                      f"{waiting.get('message') or waiting['reason']}"
+            image = cs.get("image", "its image")
+            return "ImagePullFailed", f"pod {name}: container {c} cannot pull {image}: {waiting.get('message') or waiting['reason']}"
         if terminated.get("reason") == "OOMKilled" or (waiting.get("reason") == "CrashLoopBackOff"
                                                        and last.get("reason") == "OOMKilled"):
             return "OOMKilled", f"pod {name}: container {c} was killed for running out of memory (OOMKilled)"
@@ -160,7 +160,7 @@ def nodes_status(kube: Kube, cfg: Config, res: Resource, claims: list[dict], nee
         names.append(node_name)
     for name in preferred:
         names.append(name)
-    for name in list(names):
+    for name in names:
         node = kube.get("v1", "Node", name)
         if node is None or not node_ready(node):
             waiting.append(f"node {name} not ready")
@@ -256,7 +256,7 @@ def reconcile(kube: Kube, cfg: Config, kind: str, namespace: str, name: str) -> 
     if not cfg.auto_provision:
         claims = []
     for obj in claims + workload:
-        kube.apply(obj)
+        kube.apply(obj, create_first=not old_status)  # no status yet: a new resource, its objects likely absent
 
     if isinstance(res, Workspace):
         need = _node_count(res, workload)
@@ -283,8 +283,8 @@ def reconcile(kube: Kube, cfg: Config, kind: str, namespace: str, name: str) -> 
             state, ok, reason, msg = "Succeeded", True, "TuningSucceeded", f"job {name} completed"
         elif js.get("failed") or (_cond(job or {}, "Failed") or {}).get("status") == "True":
             detail = problem[1] if problem else (_cond(job or {}, "Failed") or {}).get("message", "the pod failed")
-            state, ok, reason, msg = "Failed", False, problem[0] if problem else "JobFailed", f"job {name} failed: " \
-                                                                                              f"{detail}"
+            state, ok, reason = "Failed", False, problem[0] if problem else "JobFailed"
+            msg = f"job {name} failed: {detail}"
         elif nodes.failed:
             state, ok, reason, msg = "Failed", False, nodes.reason, nodes.message
         elif problem and problem[0] in ("ImagePullFailed", "Unschedulable", "Evicted"):
@@ -301,7 +301,7 @@ def reconcile(kube: Kube, cfg: Config, kind: str, namespace: str, name: str) -> 
         want = wl["spec"].get("replicas", 1)
         ready_n = ((live.get("status") or {}).get("readyReplicas") or 0)
         ok = nodes.ready and ready_n >= want
-        problem = None if ok else pod_problem(kube, namespace, selector)
+        problem = None if ok or not nodes.ready else pod_problem(kube, namespace, selector)
         if ok:
             reason, msg = "Ready", f"{ready_n}/{want} pods ready"
         elif problem:
@@ -409,7 +409,7 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
                     wait, backoff = cfg.resync, 1.0
                 except Exception as e:  # noqa: BLE001 - any failure is retried with backoff
                     ERRORS.labels(kind).inc()
-                    log.warning("reconcile failed", extra={"kind": kind, "namespace": ns, "name": name,
+                    log.warning("reconcile failed", extra={"kind": kind, "resource": f"{ns}/{name}",
                                                            "error": str(e)[:500]})
                     wait, backoff = backoff, min(backoff * 2, 300.0)
                 finally:

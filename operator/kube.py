@@ -74,11 +74,18 @@ class Kube:
         found = self._res(api_version, kind).get(namespace=namespace, label_selector=selector or None)
         return [item.to_dict() if hasattr(item, "to_dict") else dict(item) for item in found.to_dict()["items"]]
 
-    def apply(self, obj: dict) -> str:
-        """Create `obj`, or patch the live object where it differs; returns created|patched|unchanged."""
+    def apply(self, obj: dict, create_first: bool = False) -> str:
+        """Create `obj`, or patch the live object where it differs; returns created|patched|unchanged.
+        create_first: try to create before reading (one request fewer when the object is likely new)."""
         res = self._res(obj["apiVersion"], obj["kind"])
         meta = obj["metadata"]
         ns = meta.get("namespace") if res.namespaced else None
+        if create_first:
+            try:
+                res.create(body=obj, namespace=ns)
+                return "created"
+            except ConflictError:
+                pass
         for _ in range(3):
             try:
                 live = res.get(name=meta["name"], namespace=ns).to_dict()

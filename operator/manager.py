@@ -9,13 +9,13 @@ renew, so two replicas never act at once.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import ssl
 import threading
 
 import kopf
-import logging
 
 from .controller import Config, register
 from .kube import Kube, load_config

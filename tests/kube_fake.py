@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import jsonpatch
@@ -77,7 +77,7 @@ HISTORY = 200_000  # watch events kept for replay
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -494,7 +494,7 @@ class KubeFake:
                     break
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         except (ConnectionResetError, asyncio.CancelledError):
             return resp

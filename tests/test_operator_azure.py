@@ -10,10 +10,9 @@ import pytest
 from arm_fake import ArmFake
 from azure_operator import StaticToken
 from helpers import REPO
+from kaito.operator.azure import Azure, AzureSettings, CloudError, claim_facts, garbage_collect, pool_name
 from kube_fake import KubeFake
 from kube_sim import NC, Cluster, Operator, inference, state, wait_for
-
-from kaito.operator.azure import Azure, AzureSettings, CloudError, claim_facts, garbage_collect, pool_name
 
 pytestmark = pytest.mark.timeout(120)
 RG, AKS = "rg-kaito", "aks-kaito"

@@ -45,7 +45,7 @@ def env(tmp_path_factory, tls):
 
 
 def test_inference_workspace_to_ready(env):
-    cluster, op, _, _ = env
+    cluster, *_ = env
     cluster.create(inference("ws-ready"))
     claims = wait_for(lambda: cluster.list(NC, "NodeClaim", "kaito.sh/workspace=ws-ready"), 30, "NodeClaims")
     assert len(claims) == 1 and claims[0]["metadata"]["labels"]["apps"] == "ws-ready"
@@ -222,7 +222,7 @@ def test_deletion_cleans_up(env):
 
 
 def test_metrics_and_webhook(env, tls):
-    cluster, op, ports, _ = env
+    cluster, _, ports, _ = env
     text = wait_for(lambda: _get(f"http://127.0.0.1:{ports['metrics']}/metrics"), 20, "metrics")
     assert 'kaito_operator_reconciles_total{kind="Workspace"}' in text
     assert 'kaito_operator_resources{kind="Workspace",state="Ready"}' in text
@@ -299,7 +299,7 @@ def test_bring_your_own_nodes(bare):
 
 
 def test_killed_mid_reconcile_and_restarted(bare):
-    cluster, start, fake = bare
+    cluster, start, _ = bare
     op = start()
     names = [f"crash-{i}" for i in range(30)]
     for n in names:

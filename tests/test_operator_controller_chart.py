@@ -11,12 +11,11 @@ import pytest
 import yaml
 from arm_fake import ArmFake
 from helpers import REPO
-from kube_fake import KubeFake
-from kube_sim import NC, Cluster, Operator, example, inference, state, wait_for
-
 from kaito.operator.cli import parser
 from kaito.operator.crds import crds_yaml
 from kaito.operator.schemas import object_errors
+from kube_fake import KubeFake
+from kube_sim import NC, Cluster, Operator, example, inference, state, wait_for
 
 helm = pytest.importorskip("helm_python", reason="the `chart` extra (helm-python-sdk) renders the chart")
 pytestmark = pytest.mark.timeout(120)
@@ -106,8 +105,8 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
                 cluster.r(api, kind).patch(body={"metadata": {"labels": {"app.kubernetes.io/name": None}}}, name=name,
                                            namespace="default", content_type="application/merge-patch+json")
             for api, kind, name in drifted:
-                wait_for(lambda: "app.kubernetes.io/name" in cluster.get(api, kind, name)["metadata"]["labels"], 20,
-                         f"{kind} {name} restored")
+                wait_for(lambda a=api, k=kind, n=name: "app.kubernetes.io/name" in cluster.get(a, k, n)["metadata"][
+                    "labels"], 20, f"{kind} {name} restored")
             cluster.delete("kaito.sh/v1beta1", "Workspace", "rbac-ws")
             wait_for(lambda: cluster.workspace("rbac-ws") is None, 30, "deleted")
         finally:
