@@ -196,6 +196,42 @@ def nfd_mismatch(nodes: list[dict], instance_type: str | None) -> str | None:
     return None
 
 
+def sku_from_labels(labels: dict[str, str]) -> str | None:
+    """The catalogue instance type whose GPUs match a node's NVIDIA feature-discovery labels
+    (`nvidia.com/gpu.product` e.g. NVIDIA-A100-SXM4-80GB, `gpu.count`, `gpu.memory` in MiB)."""
+    from kaito.presets import catalogue
+
+    product = labels.get("nvidia.com/gpu.product", "").upper().replace("_", "-").split("-")
+    try:
+        count = int(labels.get("nvidia.com/gpu.count", "0"))
+        per_gpu = int(labels["nvidia.com/gpu.memory"]) / 1024 if "nvidia.com/gpu.memory" in labels else None
+    except ValueError:
+        return None
+    fits = [s for s in catalogue.skus() if s.gpu_model.upper() in product and s.gpu_count == count]
+    if per_gpu is not None:
+        fits = [s for s in fits if abs(s.gpu_memory_per_gpu_gib - per_gpu) <= 0.15 * s.gpu_memory_per_gpu_gib]
+        fits.sort(key=lambda s: abs(s.gpu_memory_per_gpu_gib - per_gpu))
+    return fits[0].name if fits else None
+
+
+def size_from_nodes(kube: Kube, ws: Workspace) -> str | tuple[str, str]:
+    """Bring your own nodes without instanceType: the instance type the selected nodes' GPUs match,
+    or (reason, message) when there is none yet."""
+    sel = ws.resource.label_selector
+    query = selector_string(sel.match_labels, [e.dump() for e in sel.match_expressions or []]) if sel else ""
+    nodes = [n for n in (kube.list("v1", "Node", selector=query) if query else []) if node_ready(n) and node_gpus(n)]
+    if not nodes:
+        return "NodesNotFound", (f"no ready GPU node matches the label selector {query!r} (its NVIDIA labels "
+                                 "size the Workspace when instanceType is not given)")
+    labels = nodes[0]["metadata"].get("labels") or {}
+    sku = sku_from_labels(labels)
+    if sku is None:
+        product = labels.get("nvidia.com/gpu.product", "no nvidia.com/gpu.product label")
+        return "GPUUnknown", (f"node {nodes[0]['metadata']['name']} has {labels.get('nvidia.com/gpu.count', '?')} x "
+                              f"{product}, which matches no known instance type: set resource.instanceType")
+    return sku
+
+
 def pod_problem(kube: Kube, ns: str, selector: dict[str, str]) -> tuple[str, str] | None:
     for pod in kube.list("v1", "Pod", ns, selector_string(selector)):
         if found := classify_pod(pod):
@@ -240,6 +276,15 @@ def reconcile(kube: Kube, cfg: Config, kind: str, namespace: str, name: str) -> 
 
     try:
         res = parse({k: v for k, v in body.items() if k != "status"}, f"{kind} {namespace}/{name}")
+        if isinstance(res, Workspace) and not res.resource.instance_type and not cfg.auto_provision:
+            sized = size_from_nodes(kube, res)
+            if isinstance(sized, tuple):  # no node to size from yet, or GPUs kaito does not know
+                conds = [("ResourceReady", False, *sized), ("WorkspaceSucceeded", False, *sized)]
+                status = {"state": "Pending" if sized[0] == "NodesNotFound" else "NotReady",
+                          "conditions": conditions(old_status.get("conditions"), conds, generation)}
+                _write(kube, kind, namespace, name, old_status, status)
+                return status["state"]
+            res.resource.instance_type = sized
         objects = render(res, lookup, cfg.render)
     except (ManifestError, ValidationFailed, PresetError) as e:
         reason = "InvalidWorkspace" if kind == "Workspace" else "InvalidRAGEngine"

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
 
         start_http_server(args.metrics_port)
     if args.webhook_port:
-        _webhook(registry, args)
+        _webhook(registry, args, cfg)
     log.info("kaito-operator running", extra={"auto_provision": cfg.auto_provision, "provisioner": args.provisioner,
                                                 "namespaces": args.namespace or "all"})
     kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace, namespaces=args.namespace,
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
     return 0
 
 
-def _webhook(registry: kopf.OperatorRegistry, args: argparse.Namespace) -> None:
+def _webhook(registry: kopf.OperatorRegistry, args: argparse.Namespace, cfg: Config) -> None:
     """Part 1's admission app (webhook.app) on the operator's own event loop, over HTTPS."""
     from aiohttp import web
 
@@ -101,6 +101,6 @@ def _webhook(registry: kopf.OperatorRegistry, args: argparse.Namespace) -> None:
 
     @kopf.on.startup(registry=registry)
     async def start_webhook(**_: object) -> None:
-        runner = web.AppRunner(app(lookup_in=lookup_in), access_log=None)
+        runner = web.AppRunner(app(lookup_in=lookup_in, auto_provision=cfg.auto_provision), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", args.webhook_port, ssl_context=context).start()

@@ -18,8 +18,10 @@ from aiohttp import web
 from .validation import Lookup, admission_review
 
 
-def app(lookup: Lookup | None = None, lookup_in: Callable[[str], Lookup] | None = None) -> web.Application:
-    """`lookup_in(namespace)` gives the lookup for a request's namespace (it may block: it runs in a thread)."""
+def app(lookup: Lookup | None = None, lookup_in: Callable[[str], Lookup] | None = None,
+        auto_provision: bool = True) -> web.Application:
+    """`lookup_in(namespace)` gives the lookup for a request's namespace (it may block: it runs in a thread);
+    auto_provision=False: Workspaces may omit instanceType (bring your own nodes)."""
 
     async def validate(request: web.Request) -> web.Response:
         try:
@@ -29,10 +31,11 @@ def app(lookup: Lookup | None = None, lookup_in: Callable[[str], Lookup] | None 
         if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
             return web.json_response({"error": "the body must be an AdmissionReview"}, status=400)
         if lookup_in is None:
-            return web.json_response(admission_review(review, lookup))
+            return web.json_response(admission_review(review, lookup, auto_provision))
         req = review.get("request") or {}
         namespace = req.get("namespace") or ((req.get("object") or {}).get("metadata") or {}).get("namespace", "default")
-        return web.json_response(await asyncio.to_thread(admission_review, review, lookup_in(namespace)))
+        return web.json_response(await asyncio.to_thread(admission_review, review, lookup_in(namespace),
+                                                             auto_provision))
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 from helpers import free_port
+from kaito.operator.validation import admission_review
 from kube_fake import KubeFake
 from kube_sim import NC, WS, Cluster, Operator, example, inference, state, wait_for
 
@@ -296,6 +297,24 @@ def test_bring_your_own_nodes(bare):
     cluster.statefulset_ready("byo")
     wait_for(lambda: state(cluster, "byo") == "Ready", 20, "Ready")
     assert cluster.workspace("byo")["status"]["workerNodes"] == ["big"]
+
+    # no instanceType: sized from the nodes' NVIDIA labels (admitted only without auto-provisioning)
+    doc = inference("byo-sized", selector="sized")
+    del doc["resource"]["instanceType"]
+    review = {"request": {"uid": "u", "operation": "CREATE", "object": doc}}
+    assert admission_review(review, auto_provision=False)["response"]["allowed"] is True
+    assert "instanceType is required" in admission_review(review)["response"]["status"]["message"]
+    cluster.create(doc)
+    wait_for(lambda: cluster.condition(cluster.workspace("byo-sized"), "ResourceReady").get("reason")
+             == "NodesNotFound", 20, "NodesNotFound")
+    assert state(cluster, "byo-sized") == "Pending" and not cluster.get("apps/v1", "StatefulSet", "byo-sized")
+    cluster.add_gpu_node("h100", {"apps": "sized", "nvidia.com/gpu.product": "NVIDIA-H100-NVL",
+                                  "nvidia.com/gpu.count": "1", "nvidia.com/gpu.memory": "95830"})
+    sts = wait_for(lambda: cluster.get("apps/v1", "StatefulSet", "byo-sized"), 20, "StatefulSet")
+    command = sts["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--instance-type") + 1] == "Standard_NC40ads_H100_v5"
+    cluster.statefulset_ready("byo-sized")
+    wait_for(lambda: state(cluster, "byo-sized") == "Ready", 20, "Ready")
 
 
 def test_killed_mid_reconcile_and_restarted(bare):
