@@ -303,8 +303,11 @@ def register(registry: kopf.OperatorRegistry, settings: AzureSettings | None = N
             return -1  # back off
         return 0 if status["conditions"][-1]["status"] == "True" else 2
 
+    def ours(labels: kopf.Labels, **_: Any) -> bool:  # kaito's claims, not other Karpenter node pools'
+        return "kaito.sh/workspace" in labels or "kaito.sh/ragengine" in labels
+
     @kopf.daemon("karpenter.sh", "v1", "nodeclaims", registry=registry, id="azure-capacity",
-                 cancellation_timeout=5.0)
+                 cancellation_timeout=5.0, when=ours)
     async def follow(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
         name = body["metadata"]["name"]
         backoff = 5.0
@@ -328,7 +331,7 @@ def register(registry: kopf.OperatorRegistry, settings: AzureSettings | None = N
         if name:
             await asyncio.to_thread(sync, name)
 
-    @kopf.on.delete("karpenter.sh", "v1", "nodeclaims", registry=registry, id="azure-delete")
+    @kopf.on.delete("karpenter.sh", "v1", "nodeclaims", registry=registry, id="azure-delete", when=ours)
     async def delete(body: kopf.Body, **_: Any) -> None:
         await asyncio.to_thread(cloud.delete, body["metadata"]["name"])
 

@@ -53,6 +53,12 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
     """`kaito-operator run`; azure_credential replaces azure-identity's DefaultAzureCredential."""
     load_config()
     identity = f"{socket.gethostname()}-{os.getpid()}"
+    if args.health_port:  # answers while a follower waits for the Lease too (kopf's probe starts with kopf)
+        _health(args.health_port)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
     if args.leader_elect:
         lead(args.lease_namespace, args.lease_name, identity, args.lease_duration)
     opts = RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
@@ -65,17 +71,30 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
         from .azure import register as register_azure
 
         register_azure(registry, credential=azure_credential)
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port)
     if args.webhook_port:
         _webhook(registry, args, cfg)
     log.info("kaito-operator running", extra={"auto_provision": cfg.auto_provision, "provisioner": args.provisioner,
                                                 "namespaces": args.namespace or "all"})
-    kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace, namespaces=args.namespace,
-             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None)
+    kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace, namespaces=args.namespace)
     return 0
+
+
+def _health(port: int) -> None:
+    """GET /healthz -> 200 while the process runs (a lost Lease or a dead kopf ends the process)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path.split("?")[0] == "/healthz"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(b"ok\n" if ok else b"")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Health)
+    threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
 
 
 def _webhook(registry: kopf.OperatorRegistry, args: argparse.Namespace, cfg: Config) -> None:

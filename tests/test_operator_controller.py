@@ -339,7 +339,9 @@ def test_leader_election(bare):
     cluster, start, _ = bare
     a = start("--leader-elect", "--lease-namespace", "default", "--lease-duration", "3")
     wait_for(lambda: cluster.get("coordination.k8s.io/v1", "Lease", "kaito-operator"), 30, "Lease")
-    b = start("--leader-elect", "--lease-namespace", "default", "--lease-duration", "3")
+    health = free_port()
+    b = start("--leader-elect", "--lease-namespace", "default", "--lease-duration", "3", "--health-port", str(health))
+    assert wait_for(lambda: _get(f"http://127.0.0.1:{health}/healthz"), 20, "follower's /healthz") == "ok\n"
     cluster.create(inference("led-1"))
     wait_for(lambda: cluster.list(NC, "NodeClaim", "kaito.sh/workspace=led-1"), 30, "led-1 reconciled")
     holder = cluster.get("coordination.k8s.io/v1", "Lease", "kaito-operator")["spec"]["holderIdentity"]
