@@ -47,6 +47,7 @@ BY_STATE = Gauge("kaito_operator_resources", "Workspaces and RAGEngines by state
 class Config:
     auto_provision: bool = True  # False: bring your own nodes (found by the label selector)
     resync: float = 30.0  # seconds between reconciles of a resource nothing changed
+    gc_interval: float = 300.0  # seconds between looks for orphaned NodeClaims
     render: RenderOptions = field(default_factory=RenderOptions)
 
 
@@ -397,6 +398,21 @@ def cleanup(kube: Kube, kind: str, namespace: str, name: str) -> int:
     return len(remaining)
 
 
+def orphan_claims(kube: Kube) -> list[str]:
+    """Delete kaito's NodeClaims whose Workspace / RAGEngine no longer exists (its finalizer removed by
+    hand, or a crash between its cleanup and its deletion); returns their names."""
+    gone = []
+    for kind, label in (("Workspace", "kaito.sh/workspace"), ("RAGEngine", "kaito.sh/ragengine")):
+        for claim in kube.list(*NODECLAIM, selector=label):
+            labels = claim["metadata"].get("labels") or {}
+            ns = labels.get(f"{label}namespace")
+            if ns and not claim["metadata"].get("deletionTimestamp") and kube.get(API_VERSION, kind, labels[label],
+                                                                                  ns) is None:
+                kube.delete(*NODECLAIM, claim["metadata"]["name"])
+                gone.append(claim["metadata"]["name"])
+    return gone
+
+
 # --- kopf wiring --------------------------------------------------------------------------------
 
 
@@ -431,6 +447,16 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
         await asyncio.to_thread(kube)  # discovery once, before the handlers run
+        asyncio.get_running_loop().create_task(collect())
+
+    async def collect() -> None:
+        while True:
+            try:
+                if gone := await asyncio.to_thread(orphan_claims, kube()):
+                    log.info("deleted orphaned NodeClaims", extra={"nodeclaims": gone})
+            except Exception as e:  # noqa: BLE001 - tried again later
+                log.warning("orphaned NodeClaims not collected", extra={"error": str(e)[:300]})
+            await asyncio.sleep(cfg.gc_interval)
 
     async def keep_reconciled(body: kopf.Body, stopped: kopf.DaemonStopped, logger: Any, **_: Any) -> None:
         kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
@@ -491,6 +517,10 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
 
     async def on_delete(body: kopf.Body, **_: Any) -> None:
         kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
+        for _ in range(150):  # a reconcile still running could make a claim after the cleanup: let it end
+            if (kind, ns, name) not in pokes:
+                break
+            await asyncio.sleep(0.1)
         left = await asyncio.to_thread(cleanup, kube(), kind, ns, name)
         if left:
             raise kopf.TemporaryError(f"waiting for {left} NodeClaim(s) to go", delay=2)

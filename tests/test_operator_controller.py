@@ -190,6 +190,16 @@ def test_ragengine_to_ready(env):
     assert cluster.condition(rag, "ServiceReady")["status"] == "True"
 
 
+def test_template_workspace_to_ready(env):
+    cluster, *_ = env
+    cluster.create(example("kaito_workspace_phi_3_template.yaml", "ws-template"))
+    wait_for(lambda: cluster.karpenter("kaito.sh/workspace=ws-template"), 30, "NodeClaim")
+    dep = wait_for(lambda: cluster.get("apps/v1", "Deployment", "ws-template"), 20, "Deployment")
+    cluster.patch_status("apps/v1", "Deployment", "ws-template", {"replicas": dep["spec"]["replicas"],
+                                                                 "readyReplicas": dep["spec"]["replicas"]})
+    wait_for(lambda: state(cluster, "ws-template") == "Ready", 20, "Ready")
+
+
 def test_invalid_workspace_is_reported(env):
     cluster, *_ = env
     doc = inference("ws-invalid")
@@ -326,13 +336,24 @@ def test_killed_mid_reconcile_and_restarted(bare):
     wait_for(lambda: len(cluster.list(NC, "NodeClaim")) >= 5, 30, "some NodeClaims")
     op.kill()  # mid-way: some Workspaces have objects, some not
     partial = len(cluster.list(NC, "NodeClaim"))
-    start()
+    op = start()
     wait_for(lambda: all(state(cluster, n) == "Pending" for n in names), 60, "all reconciled")
     claims = cluster.list(NC, "NodeClaim")
     assert len(claims) == len(names) >= partial
     assert len({c["metadata"]["labels"]["kaito.sh/workspace"] for c in claims}) == len(names)
     for kind, api, per in (("StatefulSet", "apps/v1", 1), ("Service", "v1", 2)):
         assert len(cluster.list(api, kind, "app.kubernetes.io/managed-by=kaito")) == per * len(names), kind
+    # a Workspace whose finalizer is removed by hand while the operator is down: its NodeClaim is
+    # collected at the next start
+    op.kill()
+    ws = cluster.r(WS, "Workspace")
+    ws.patch(body={"metadata": {"finalizers": None}}, name="crash-0", namespace="default",
+             content_type="application/merge-patch+json")
+    cluster.delete(WS, "Workspace", "crash-0")
+    assert len(cluster.list(NC, "NodeClaim", "kaito.sh/workspace=crash-0")) == 1
+    start()
+    wait_for(lambda: not cluster.list(NC, "NodeClaim", "kaito.sh/workspace=crash-0"), 30, "orphan collected")
+    assert len(cluster.list(NC, "NodeClaim")) == len(names) - 1
 
 
 def test_leader_election(bare):
