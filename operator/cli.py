@@ -82,7 +82,15 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    sys.stdout.write(crds_yaml())
+    from .crds import nodeclaim_crd, write_chart_files
+
+    if args.chart:
+        for path in write_chart_files(args.chart):
+            err.print(f"wrote {path}", markup=False)
+    elif args.nodeclaim:
+        sys.stdout.write(dump_yaml([nodeclaim_crd()]))
+    else:
+        sys.stdout.write(crds_yaml())
     return 0
 
 
@@ -203,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_render)
 
     c = sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
+    c.add_argument("--nodeclaim", action="store_true", help="Karpenter's NodeClaim CRD (for clusters without Karpenter)")
+    c.add_argument("--chart", metavar="DIR", help="write the Helm chart's generated CRD files into DIR")
     c.set_defaults(func=cmd_crds)
 
     w = sub.add_parser("webhook", help="serve the validating admission webhook")

@@ -12,7 +12,7 @@ import yaml
 from arm_fake import ArmFake
 from helpers import REPO
 from kaito.operator.cli import parser
-from kaito.operator.crds import crds_yaml
+from kaito.operator.crds import crds_yaml, nodeclaim_chart_template, nodeclaim_crd
 from kaito.operator.schemas import object_errors
 from kube_fake import KubeFake
 from kube_sim import NC, Cluster, Operator, example, inference, state, wait_for
@@ -57,10 +57,37 @@ def test_chart_renders_valid_objects(values):
 def test_chart_lints_and_ships_the_generated_crds():
     report = helm.lint(str(CHART), AZURE, strict=True)
     assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= 2], report
-    assert (CHART / "crds" / "kaito.sh.yaml").read_text() == crds_yaml(), \
-        "regenerate: kaito-operator crds > operator/charts/kaito-operator/crds/kaito.sh.yaml"
+    regenerate = "regenerate: kaito-operator crds --chart operator/charts/kaito-operator"
+    assert (CHART / "crds" / "kaito.sh.yaml").read_text() == crds_yaml(), regenerate
+    assert (CHART / "templates" / "nodeclaim-crd.yaml").read_text() == nodeclaim_chart_template(), regenerate
     for crd in yaml.safe_load_all(crds_yaml()):
         assert object_errors(crd) == []
+
+
+def test_chart_can_install_the_nodeclaim_crd(tmp_path):
+    assert not [o for o in render(AZURE) if o["kind"] == "CustomResourceDefinition"]  # helm installs crds/ itself
+    crd = next(o for o in render({**AZURE, "features": {"provisioner": "azure", "installNodeClaimCRD": True}})
+               if o["kind"] == "CustomResourceDefinition")
+    assert crd == nodeclaim_crd() and object_errors(crd) == []
+    # a cluster without it: the CRD makes the kind served, and the claims kaito renders are accepted
+    fake = KubeFake()
+    fake.kinds = {k: v for k, v in fake.kinds.items() if v.kind != "NodeClaim"}
+    fake.start()
+    try:
+        cluster = Cluster(fake.url)
+        cluster.create(crd)
+        cluster.install_crds()
+        claim = next(o for o in render_workspace() if o["kind"] == "NodeClaim")
+        assert cluster.create(claim)["metadata"]["name"] == claim["metadata"]["name"]
+    finally:
+        fake.stop()
+
+
+def render_workspace() -> list[dict]:
+    from kaito.operator.manifests import parse
+    from kaito.operator.render import render as render_resource
+
+    return render_resource(parse(inference("x")))
 
 
 def test_azure_values_are_required():
