@@ -8,9 +8,9 @@ For each N: the operator (a separate process, as in a cluster) runs against a fr
 Workspaces (phi-4 on one A100 node) are created by 4 client threads; a Workspace is done when all its
 objects exist (NodeClaim, Service, headless Service, StatefulSet). Reported: Workspaces/s (N over the
 time from the first create to the last object) and p50/p99 of each Workspace's time from its create
-to its last object. The baseline, run in the same script against a fresh fake: one client that
-renders each Workspace itself (the same render()) and creates its objects: the floor the API and the
-rendering set, with no controller. Writes benchmarks/results/operator_reconcile.{csv,md,png}.
+to its last object. The baseline, run in the same script against a fresh fake: the same 4 client
+threads render each Workspace themselves (the same render()) and create its objects: the floor the
+API and the rendering set, with no controller. Writes benchmarks/results/operator_reconcile.{csv,md,png}.
 """
 
 from __future__ import annotations
