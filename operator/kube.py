@@ -21,7 +21,10 @@ def load_config() -> None:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+        except config.ConfigException as e:
+            raise SystemExit(f"kaito-operator: no cluster to talk to (not in a pod, and {e}); set KUBECONFIG") from None
 
 
 def subset(desired: Any, live: Any) -> bool:
