@@ -10,10 +10,11 @@ import time
 
 import httpx
 import pytest
+import yaml
 from helpers import free_port
 from kaito.operator.validation import admission_review
 from kube_fake import KubeFake
-from kube_sim import NC, WS, Cluster, Operator, example, inference, state, wait_for
+from kube_sim import EXAMPLES, NC, WS, Cluster, Operator, example, inference, state, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -188,6 +189,33 @@ def test_ragengine_to_ready(env):
 
     rag = wait_for(ready, 20, "RAGEngine ready")
     assert cluster.condition(rag, "ServiceReady")["status"] == "True"
+
+
+def test_multi_node_workspace_with_its_config(env):
+    """Two nodes (llama-3.3-70b on 2 x Standard_NC48ads_A100_v4), its inference_config.yaml read from the
+    cluster; a change of the user's ConfigMap reaches the rendered one at the next resync."""
+    cluster, *_ = env
+    docs = list(yaml.safe_load_all((EXAMPLES / "kaito_workspace_llama-3.3_70b_instruct.yaml").read_text()))
+    cluster.create(docs[1])  # the ConfigMap (the Secret is only referenced by name)
+    cluster.create(docs[2])
+    name = docs[2]["metadata"]["name"]
+    claims = wait_for(lambda: (c := cluster.list(NC, "NodeClaim", f"kaito.sh/workspace={name}")) and len(c) == 2
+                      and c, 30, "two NodeClaims")
+    assert len({c["metadata"]["name"] for c in claims}) == 2
+    wait_for(lambda: (cluster.workspace(name).get("status") or {}).get("targetNodeCount") == 2, 20, "targetNodeCount")
+    sts = wait_for(lambda: cluster.get("apps/v1", "StatefulSet", name), 20, "StatefulSet")
+    assert sts["spec"]["replicas"] == 2
+    rendered = cluster.get("v1", "ConfigMap", f"{name}-inference-config")
+    assert "max-model-len: 16384" in rendered["data"]["inference_config.yaml"]
+    cluster.r("v1", "ConfigMap").patch(body={"data": {"inference_config.yaml": "vllm:\n  max-model-len: 8192\n"}},
+                                       name="llama-inference-params", namespace="default",
+                                       content_type="application/merge-patch+json")
+    wait_for(lambda: "max-model-len: 8192" in cluster.get("v1", "ConfigMap", f"{name}-inference-config")["data"][
+        "inference_config.yaml"], 20, "config re-rendered")
+    cluster.karpenter(f"kaito.sh/workspace={name}")
+    cluster.statefulset_ready(name)
+    wait_for(lambda: state(cluster, name) == "Ready", 20, "Ready")
+    assert len(cluster.workspace(name)["status"]["workerNodes"]) == 2
 
 
 def test_template_workspace_to_ready(env):
