@@ -4,6 +4,7 @@
   kaito-operator render -f FILE [-o yaml|json]    the Kubernetes objects they become (like `helm template`)
   kaito-operator crds                             the CustomResourceDefinitions
   kaito-operator webhook [--tls-cert C --tls-key K]   the validating admission webhook (POST /validate)
+  kaito-operator run [--no-auto-provision] [--provisioner azure] [--leader-elect]   the cluster controller
   kaito-operator local apply -f FILE [--cpu] [--wait]   run them on this machine
   kaito-operator local get [NAME] [-o yaml|json]  state and conditions, like `kubectl get`
   kaito-operator local logs NAME [-f]             the process output
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -80,7 +82,15 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    sys.stdout.write(crds_yaml())
+    from .crds import nodeclaim_crd, write_chart_files
+
+    if args.chart:
+        for path in write_chart_files(args.chart):
+            err.print(f"wrote {path}", markup=False)
+    elif args.nodeclaim:
+        sys.stdout.write(dump_yaml([nodeclaim_crd()]))
+    else:
+        sys.stdout.write(crds_yaml())
     return 0
 
 
@@ -93,6 +103,12 @@ def cmd_webhook(args: argparse.Namespace) -> int:
               "/validate", markup=False)
     serve(args.host, args.port, args.tls_cert, args.tls_key)
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .manager import run
+
+    return run(args)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -195,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_render)
 
     c = sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
+    c.add_argument("--nodeclaim", action="store_true", help="Karpenter's NodeClaim CRD (for clusters without Karpenter)")
+    c.add_argument("--chart", metavar="DIR", help="write the Helm chart's generated CRD files into DIR")
     c.set_defaults(func=cmd_crds)
 
     w = sub.add_parser("webhook", help="serve the validating admission webhook")
@@ -203,6 +221,29 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--tls-cert", help="PEM certificate (HTTPS)")
     w.add_argument("--tls-key", help="PEM private key")
     w.set_defaults(func=cmd_webhook)
+
+    o = sub.add_parser("run", help="the cluster controller (kopf): reconcile Workspaces and RAGEngines")
+    o.add_argument("--no-auto-provision", dest="auto_provision", action="store_false",
+                   default=os.environ.get("KAITO_AUTO_PROVISION", "true").lower() != "false",
+                   help="bring your own GPU nodes (found by the label selector); no NodeClaims "
+                        "(env KAITO_AUTO_PROVISION=false)")
+    o.add_argument("--provisioner", choices=["none", "azure"], default=os.environ.get("KAITO_PROVISIONER", "none"),
+                   help="turn NodeClaims into cloud capacity here (azure), or leave them to Karpenter (none)")
+    o.add_argument("--resync", type=float, default=30.0, help="seconds between reconciles of an unchanged resource")
+    o.add_argument("-n", "--namespace", action="append", default=[],
+                   help="watch only these namespaces (default: all)")
+    o.add_argument("--leader-elect", action="store_true", help="one active replica, by a coordination.k8s.io Lease")
+    o.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "kaito-system"))
+    o.add_argument("--lease-name", default="kaito-operator")
+    o.add_argument("--lease-duration", type=int, default=15, help="seconds a leader's Lease lasts unrenewed")
+    o.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
+    o.add_argument("--health-port", type=int, default=0, help="liveness /healthz on this port (0: off)")
+    o.add_argument("--webhook-port", type=int, default=0, help="serve the validating webhook on this port (0: off)")
+    o.add_argument("--tls-cert", help="the webhook's PEM certificate")
+    o.add_argument("--tls-key", help="the webhook's PEM private key")
+    o.add_argument("--registry", help="image registry of kaito-serve/-tune/-rag")
+    o.add_argument("--tag", help="image tag (default: this kaito's version)")
+    o.set_defaults(func=cmd_run)
 
     local = sub.add_parser("local", help="run resources on this machine, without a cluster")
     lsub = local.add_subparsers(dest="local_command", required=True)

@@ -66,13 +66,16 @@ def find_preset(name: str) -> ModelPreset:
         raise
 
 
-def validate(resource: Resource, old: Resource | None = None, lookup: Lookup | None = None) -> list[FieldError]:
+def validate(resource: Resource, old: Resource | None = None, lookup: Lookup | None = None,
+             auto_provision: bool = True) -> list[FieldError]:
+    """Every problem of `resource`. auto_provision=False (bring your own nodes): a Workspace may omit
+    `instanceType` (the controller reads the GPUs from the nodes' NVIDIA labels)."""
     errs: list[FieldError] = []
     if not DNS1123_LABEL.match(resource.name) or len(resource.name) > 63:
         errs.append(FieldError("metadata.name", f"{resource.name!r} must be a DNS-1123 label: lowercase letters, "
                                                 "digits and '-', starting and ending with a letter or digit, at most 63"))
     if isinstance(resource, Workspace):
-        errs += _workspace(resource, lookup)
+        errs += _workspace(resource, lookup, auto_provision)
         if old is not None:
             errs += _workspace_update(resource, old)  # type: ignore[arg-type]
     elif isinstance(resource, RAGEngine):
@@ -94,7 +97,7 @@ def check(resource: Resource, old: Resource | None = None, lookup: Lookup | None
 # --- Workspace ----------------------------------------------------------------------------------
 
 
-def _workspace(ws: Workspace, lookup: Lookup | None) -> list[FieldError]:
+def _workspace(ws: Workspace, lookup: Lookup | None, auto_provision: bool = True) -> list[FieldError]:
     errs: list[FieldError] = []
     if ws.inference is None and ws.tuning is None:
         return [FieldError("", "Either Inference or Tuning must be specified, not neither")]
@@ -105,7 +108,9 @@ def _workspace(ws: Workspace, lookup: Lookup | None) -> list[FieldError]:
                                f"unsupported runtime {ws.runtime!r}; choose one of: {', '.join(RUNTIMES)}"))
     errs += _label_selector(ws.resource)
     sku = None
-    if not ws.resource.instance_type:
+    if not ws.resource.instance_type and not auto_provision:
+        pass  # bring your own nodes: sized from the nodes the label selector finds
+    elif not ws.resource.instance_type:
         errs.append(FieldError("resource.instanceType", "instanceType is required when node auto-provisioning is "
                                                         "enabled"))
     else:
@@ -471,7 +476,8 @@ def _ragengine(rag: RAGEngine) -> list[FieldError]:
 # --- admission webhook --------------------------------------------------------------------------
 
 
-def admission_review(review: dict[str, Any], lookup: Lookup | None = None) -> dict[str, Any]:
+def admission_review(review: dict[str, Any], lookup: Lookup | None = None,
+                     auto_provision: bool = True) -> dict[str, Any]:
     """An admission.k8s.io/v1 AdmissionReview request -> its response (allowed, or denied with
     every message). Pure: the HTTPS server around it lives with the controller."""
     from .manifests import ManifestError, parse
@@ -481,7 +487,7 @@ def admission_review(review: dict[str, Any], lookup: Lookup | None = None) -> di
     try:
         obj = parse(request.get("object") or {}, "request.object")
         old = parse(request["oldObject"], "request.oldObject") if request.get("oldObject") else None
-        found = [] if request.get("operation") == "DELETE" else validate(obj, old, lookup)
+        found = [] if request.get("operation") == "DELETE" else validate(obj, old, lookup, auto_provision)
     except ManifestError as e:
         found = [FieldError("", str(e))]
     errs = [str(e) for e in found if not e.warning]

@@ -1,22 +1,28 @@
 """The validating admission webhook: an aiohttp app (aiohttp comes with kopf, in the operator extra)
 whose `POST /validate` answers Kubernetes AdmissionReviews with `validation.admission_review`.
 
-The API server only calls webhooks over HTTPS: give `--tls-cert`/`--tls-key` (the controller of
-issue 7 serves the same function over its own HTTPS endpoint and supplies a ConfigMap lookup from
-the cluster; without one, referenced ConfigMaps are not checked here).
+The API server only calls webhooks over HTTPS: give `--tls-cert`/`--tls-key`. `kaito-operator run`
+serves the same app over its own HTTPS port with `lookup_in`: ConfigMaps read from the cluster, in
+the request's namespace (without a lookup, referenced ConfigMaps are not checked here).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
+from collections.abc import Callable
 
 from aiohttp import web
 
 from .validation import Lookup, admission_review
 
 
-def app(lookup: Lookup | None = None) -> web.Application:
+def app(lookup: Lookup | None = None, lookup_in: Callable[[str], Lookup] | None = None,
+        auto_provision: bool = True) -> web.Application:
+    """`lookup_in(namespace)` gives the lookup for a request's namespace (it may block: it runs in a thread);
+    auto_provision=False: Workspaces may omit instanceType (bring your own nodes)."""
+
     async def validate(request: web.Request) -> web.Response:
         try:
             review = await request.json()
@@ -24,7 +30,12 @@ def app(lookup: Lookup | None = None) -> web.Application:
             return web.json_response({"error": "the body must be an AdmissionReview (JSON)"}, status=400)
         if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
             return web.json_response({"error": "the body must be an AdmissionReview"}, status=400)
-        return web.json_response(admission_review(review, lookup))
+        if lookup_in is None:
+            return web.json_response(admission_review(review, lookup, auto_provision))
+        req = review.get("request") or {}
+        namespace = req.get("namespace") or ((req.get("object") or {}).get("metadata") or {}).get("namespace", "default")
+        return web.json_response(await asyncio.to_thread(admission_review, review, lookup_in(namespace),
+                                                             auto_provision))
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -1,0 +1,574 @@
+"""An HTTP fake of the Kubernetes API server on 127.0.0.1, for the controller tests and benchmark.
+
+The real `kubernetes` client and kopf talk to it over HTTP. It answers as kube-apiserver does for what
+the operator uses (`tests/test_operator_controller_fake.py` pins each behaviour):
+
+- discovery (`/version`, `/api`, `/apis`, `/api/v1`, `/apis/G/V`, with `R/status` subresources);
+- create (201, `generateName`, 409 AlreadyExists, 422 without a name), get (404), list with label
+  and field selectors, PUT (409 Conflict on a stale `metadata.resourceVersion`), PATCH (JSON merge
+  patch; strategic merge patch read as a merge patch; JSON patch), DELETE;
+- one global `resourceVersion` that grows on every write; a write that changes nothing changes
+  neither the resourceVersion nor the watchers; `generation` grows when anything outside
+  metadata and status changes;
+- watches (`?watch=true`): newline-delimited JSON events from a `resourceVersion` (replayed from
+  the history), the current objects as ADDED without one, `410 Gone` (an ERROR event) when the
+  version is older than the history kept, `timeoutSeconds`;
+- the status subresource: the main resource ignores `status`, `/status` changes only `status`;
+- finalizers (delete sets `deletionTimestamp`; the object goes when the last finalizer does) and
+  the garbage collector's cascade along `ownerReferences` (background and foreground alike; orphan
+  leaves dependents);
+- CustomResourceDefinitions: creating one serves its resource;
+- an audit of the verbs and resources a client asked for (to check RBAC rules against).
+
+Not covered (the README says so too): authentication and RBAC, admission webhooks and schema
+validation of bodies, server-side apply, defaulting, pods' graceful deletion, namespace existence
+and deletion, pagination (`limit`/`continue` return everything), protobuf, bookmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import jsonpatch
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Kind:
+    group: str  # "" for the core group
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+    status: bool = True  # has a status subresource
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+BUILTIN = [
+    Kind("", "v1", "namespaces", "Namespace", namespaced=False),
+    Kind("", "v1", "nodes", "Node", namespaced=False),
+    Kind("", "v1", "pods", "Pod"),
+    Kind("", "v1", "services", "Service"),
+    Kind("", "v1", "configmaps", "ConfigMap", status=False),
+    Kind("", "v1", "secrets", "Secret", status=False),
+    Kind("", "v1", "events", "Event", status=False),
+    Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
+    Kind("apps", "v1", "statefulsets", "StatefulSet"),
+    Kind("apps", "v1", "deployments", "Deployment"),
+    Kind("batch", "v1", "jobs", "Job"),
+    Kind("coordination.k8s.io", "v1", "leases", "Lease", status=False),
+    Kind("events.k8s.io", "v1", "events", "Event", status=False),
+    Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", namespaced=False),
+    Kind("karpenter.sh", "v1", "nodeclaims", "NodeClaim", namespaced=False),
+]
+HISTORY = 200_000  # watch events kept for replay
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def status_error(code: int, reason: str, message: str) -> web.Response:
+    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+    return web.json_response(body, status=code)
+
+
+_REQ = re.compile(r"^\s*([^\s!=]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+
+
+def _split_selector(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in [*parts, cur] if p.strip()]
+
+
+def label_match(selector: str | None, labels: dict[str, str]) -> bool:
+    """Kubernetes label selector syntax: a=b, a==b, a!=b, a in (x,y), a notin (x), a, !a."""
+    for req in _split_selector(selector or ""):
+        if m := _REQ.match(req):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
+            if (op == "in") != (labels.get(key) in values):
+                return False
+        elif "!=" in req:
+            key, value = (s.strip() for s in req.split("!=", 1))
+            if labels.get(key) == value:
+                return False
+        elif "=" in req:
+            key, value = (s.strip() for s in req.replace("==", "=").split("=", 1))
+            if labels.get(key) != value:
+                return False
+        elif req.strip().startswith("!"):
+            if req.strip()[1:] in labels:
+                return False
+        elif req.strip() not in labels:
+            return False
+    return True
+
+
+def field_match(selector: str | None, obj: dict) -> bool:
+    for req in _split_selector(selector or ""):
+        negate = "!=" in req
+        path, value = (s.strip() for s in req.replace("!=", "=").replace("==", "=").split("=", 1))
+        node: Any = obj
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if (str(node if node is not None else "") == value) == negate:
+            return False
+    return True
+
+
+class Gone(Exception):
+    pass
+
+
+class KubeFake:
+    """The API server: `start()` serves it from a thread (its own event loop); `url` is its address."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[tuple[str, str, str], Kind] = {}
+        for k in BUILTIN:
+            self.add_kind(k)
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind key, namespace, name) -> object
+        self.rv = 0
+        self.history: list[tuple[int, str, str, dict]] = []  # (rv, kind key, type, object)
+        self.changed: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.requests = 0
+        self.history_limit = HISTORY
+        self.audit: set[tuple[str, str, str]] = set()  # (verb, group, resource[/sub]) asked with `audit_token`
+        self.audit_token = "fake-token"
+        self.created_at: dict[tuple[str, str, str], float] = {}  # key -> time.monotonic() of its creation  # the token of kubeconfig(): the operator's requests
+        self.url = ""
+
+    # --- kinds ------------------------------------------------------------------------------------
+
+    def add_kind(self, kind: Kind) -> None:
+        self.kinds[(kind.group, kind.version, kind.plural)] = kind
+
+    @staticmethod
+    def kkey(kind: Kind) -> str:
+        return f"{kind.group}/{kind.plural}"
+
+    # --- storage ----------------------------------------------------------------------------------
+
+    def _emit(self, kind: Kind, type_: str, obj: dict) -> None:
+        self.history.append((self.rv, self.kkey(kind), type_, copy.deepcopy(obj)))
+        if len(self.history) > self.history_limit:
+            del self.history[: len(self.history) - self.history_limit]
+        assert self.changed is not None
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def _bump(self, obj: dict) -> None:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+
+    def create(self, kind: Kind, ns: str | None, body: dict) -> tuple[int, dict]:
+        meta = body.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if not meta.get("name"):
+            return 422, {"reason": "Invalid", "message": f"{kind.kind}: metadata.name: Required value"}
+        if kind.namespaced:
+            if meta.get("namespace") and ns and meta["namespace"] != ns:
+                return 400, {"reason": "BadRequest", "message": "the namespace of the object does not match the "
+                                                                 "namespace of the request"}
+            meta["namespace"] = ns or meta.get("namespace") or "default"
+        else:
+            meta.pop("namespace", None)
+        key = (self.kkey(kind), meta.get("namespace", ""), meta["name"])
+        if key in self.objects:
+            return 409, {"reason": "AlreadyExists", "message": f'{kind.plural} "{meta["name"]}" already exists'}
+        body["apiVersion"], body["kind"] = kind.api_version, kind.kind
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
+        meta.pop("deletionTimestamp", None)
+        if kind.status:
+            body.pop("status", None)
+        self._bump(body)
+        self.objects[key] = body
+        self.created_at[key] = time.monotonic()
+        self._emit(kind, "ADDED", body)
+        if kind.kind == "CustomResourceDefinition":
+            spec = body.get("spec", {})
+            for v in spec.get("versions", []):
+                self.add_kind(Kind(spec["group"], v["name"], spec["names"]["plural"], spec["names"]["kind"],
+                                   spec.get("scope") == "Namespaced", "status" in (v.get("subresources") or {})))
+        return 201, body
+
+    def update(self, kind: Kind, key: tuple, new: dict, sub: str | None, expect_rv: str | None) -> tuple[int, dict]:
+        old = self.objects.get(key)
+        if old is None:
+            return 404, {"reason": "NotFound", "message": f'{kind.plural} "{key[2]}" not found'}
+        if expect_rv and expect_rv != old["metadata"]["resourceVersion"]:
+            return 409, {"reason": "Conflict", "message": f'Operation cannot be fulfilled on {kind.plural} "{key[2]}": '
+                                                          "the object has been modified; please apply your changes "
+                                                          "to the latest version and try again"}
+        if sub == "status":  # only the status changes
+            new = {**copy.deepcopy(old), "status": new.get("status")}
+            if new["status"] is None:
+                new.pop("status")
+        else:
+            meta = new.setdefault("metadata", {})
+            for field in ("uid", "creationTimestamp", "namespace", "name", "generation", "deletionTimestamp"):
+                if field in old["metadata"]:
+                    meta[field] = old["metadata"][field]
+                else:
+                    meta.pop(field, None)
+            new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
+            if kind.status:
+                new.pop("status", None)
+                if "status" in old:
+                    new["status"] = copy.deepcopy(old["status"])
+            if old["metadata"].get("deletionTimestamp"):  # finalizers may only be removed now
+                new_f = set(meta.get("finalizers") or [])
+                if new_f - set(old["metadata"].get("finalizers") or []):
+                    return 422, {"reason": "Invalid", "message": "metadata.finalizers: Forbidden: no new finalizers "
+                                                                 "can be added if the object is being deleted"}
+        new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+
+        def spec_part(o: dict) -> dict:
+            return {k: v for k, v in o.items() if k not in ("metadata", "status")}
+
+        if spec_part(new) != spec_part(old):
+            new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+        if new == old:
+            return 200, old  # no change: no new resourceVersion, no event
+        self._bump(new)
+        self.objects[key] = new
+        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            self._remove(kind, key)
+        else:
+            self._emit(kind, "MODIFIED", new)
+        return 200, new
+
+    def delete(self, kind: Kind, key: tuple, propagation: str = "Background") -> tuple[int, dict]:
+        obj = self.objects.get(key)
+        if obj is None:
+            return 404, {"reason": "NotFound", "message": f'{kind.plural} "{key[2]}" not found'}
+        if obj["metadata"].get("finalizers") or propagation == "Foreground":
+            if not obj["metadata"].get("deletionTimestamp"):
+                obj = copy.deepcopy(obj)
+                obj["metadata"]["deletionTimestamp"] = now()
+                obj["metadata"]["deletionGracePeriodSeconds"] = 0
+                if not obj["metadata"].get("finalizers"):  # foreground without finalizers: dependents first
+                    self._cascade(obj["metadata"]["uid"])
+                    self._remove(kind, key, obj)
+                    return 200, obj
+                self._bump(obj)
+                self.objects[key] = obj
+                self._emit(kind, "MODIFIED", obj)
+            return 200, obj
+        self._remove(kind, key, cascade=propagation != "Orphan")
+        return 200, obj
+
+    def _remove(self, kind: Kind, key: tuple, obj: dict | None = None, cascade: bool = True) -> None:
+        obj = self.objects.pop(key, None) or obj
+        assert obj is not None
+        self._bump(obj)
+        self._emit(kind, "DELETED", obj)
+        if cascade:
+            self._cascade(obj["metadata"]["uid"])
+        else:  # orphan: the dependents lose their owner reference
+            for k, dep in list(self.objects.items()):
+                refs = dep["metadata"].get("ownerReferences") or []
+                if any(r.get("uid") == obj["metadata"]["uid"] for r in refs):
+                    new = copy.deepcopy(dep)
+                    new["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != obj["metadata"]["uid"]]
+                    self.update(self._kind_of(k), k, new, None, None)
+
+    def _kind_of(self, key: tuple) -> Kind:
+        return next(k for k in self.kinds.values() if self.kkey(k) == key[0])
+
+    def _cascade(self, uid: str) -> None:
+        """The garbage collector: dependents whose owners are all gone are deleted."""
+        for key, dep in list(self.objects.items()):
+            refs = dep["metadata"].get("ownerReferences") or []
+            if refs and any(r.get("uid") == uid for r in refs) and key in self.objects:
+                alive = {o["metadata"]["uid"] for o in self.objects.values()}
+                if not any(r.get("uid") in alive for r in refs if r.get("uid") != uid):
+                    self.delete(self._kind_of(key), key)
+
+    # --- HTTP ---------------------------------------------------------------------------------------
+
+    def _resolve(self, path: str) -> tuple[Kind | None, str | None, str | None, str | None, Any]:
+        """path -> (kind, namespace, name, subresource, discovery answer)."""
+        parts = [p for p in path.split("/") if p]
+        if parts[:1] == ["api"]:
+            if len(parts) == 1:
+                return None, None, None, None, {"kind": "APIVersions", "versions": ["v1"],
+                                                "serverAddressByClientCIDRs": []}
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[:1] == ["apis"]:
+            if len(parts) == 1:
+                return None, None, None, None, self._groups()
+            if len(parts) == 2:
+                g = [x for x in self._groups()["groups"] if x["name"] == parts[1]]
+                return None, None, None, None, (g[0] | {"kind": "APIGroup", "apiVersion": "v1"}) if g else 404
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            return None, None, None, None, 404
+        if not rest:
+            res = self._resources(group, version)
+            return None, None, None, None, res if res["resources"] else 404
+        ns = None
+        if rest[0] == "namespaces" and len(rest) >= 3:
+            ns, rest = rest[1], rest[2:]
+        kind = self.kinds.get((group, version, rest[0]))
+        if kind is None:
+            return None, None, None, None, 404
+        return kind, ns, rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None, None
+
+    def _groups(self) -> dict:
+        groups: dict[str, list[str]] = {}
+        for k in self.kinds.values():
+            if k.group:
+                groups.setdefault(k.group, [])
+                if k.version not in groups[k.group]:
+                    groups[k.group].append(k.version)
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
+             "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]}} for g, vs in groups.items()]}
+
+    def _resources(self, group: str, version: str) -> dict:
+        out = []
+        for k in self.kinds.values():
+            if (k.group, k.version) != (group, version):
+                continue
+            verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+            out.append({"name": k.plural, "singularName": k.kind.lower(), "namespaced": k.namespaced,
+                        "kind": k.kind, "verbs": verbs})
+            if k.status:
+                out.append({"name": f"{k.plural}/status", "singularName": "", "namespaced": k.namespaced,
+                            "kind": k.kind, "verbs": ["get", "patch", "update"]})
+        return {"kind": "APIResourceList", "apiVersion": "v1",
+                "groupVersion": f"{group}/{version}" if group else version, "resources": out}
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        if request.path.rstrip("/") == "/version":
+            return web.json_response({"major": "1", "minor": "33", "gitVersion": "v1.33.0-kaito-fake",
+                                      "platform": "linux/amd64"})
+        kind, ns, name, sub, answer = self._resolve(request.path)
+        if answer == 404:
+            return status_error(404, "NotFound", "the server could not find the requested resource")
+        if answer is not None:
+            return web.json_response(answer)
+        assert kind is not None
+        if kind.namespaced is False and ns:
+            return status_error(404, "NotFound", "the server could not find the requested resource")
+        if sub not in (None, "status") or (sub == "status" and not kind.status):
+            return status_error(404, "NotFound", "the server could not find the requested resource")
+        q = request.query
+        m = request.method
+        if request.headers.get("Authorization") == f"Bearer {self.audit_token}":
+            verb = {"GET": "get" if name else ("watch" if q.get("watch") in ("true", "1") else "list"),
+                    "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(m, m)
+            self.audit.add((verb, kind.group, kind.plural + (f"/{sub}" if sub else "")))
+        if name is None:
+            if m == "GET" and q.get("watch") in ("true", "1"):
+                return await self._watch(request, kind, ns)
+            if m == "GET":
+                items = [o for (kk, ons, _), o in self.objects.items()
+                         if kk == self.kkey(kind) and (ns is None or ons == ns)
+                         and label_match(q.get("labelSelector"), o["metadata"].get("labels") or {})
+                         and field_match(q.get("fieldSelector"), o)]
+                return web.json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
+                                          "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+            if m == "POST":
+                code, obj = self.create(kind, ns, await request.json())
+                return web.json_response(obj, status=code) if code < 300 else status_error(code, obj["reason"],
+                                                                                           obj["message"])
+            return status_error(405, "MethodNotAllowed", f"{m} is not supported on a collection here")
+        key = (self.kkey(kind), ns or "" if kind.namespaced else "", name)
+        if kind.namespaced and not ns:
+            return status_error(404, "NotFound", "the server could not find the requested resource")
+        current = self.objects.get(key)
+        if m == "GET":
+            if current is None:
+                return status_error(404, "NotFound", f'{kind.plural} "{name}" not found')
+            return web.json_response(current)
+        if m == "DELETE":
+            body = await request.json() if request.can_read_body else {}
+            propagation = q.get("propagationPolicy") or (body or {}).get("propagationPolicy") or "Background"
+            code, obj = self.delete(kind, key, propagation)
+        elif m == "PUT":
+            body = await request.json()
+            code, obj = self.update(kind, key, body, sub, (body.get("metadata") or {}).get("resourceVersion"))
+        elif m == "PATCH":
+            if current is None:
+                return status_error(404, "NotFound", f'{kind.plural} "{name}" not found')
+            ctype = request.content_type
+            patch = await request.json()
+            try:
+                if ctype == "application/json-patch+json":
+                    new = jsonpatch.apply_patch(current, patch)
+                    expect = None
+                elif ctype in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+                    new = merge_patch(current, patch)
+                    expect = (patch.get("metadata") or {}).get("resourceVersion")
+                else:
+                    return status_error(415, "UnsupportedMediaType", f"the patch type {ctype} is not supported")
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+                return status_error(422, "Invalid", str(e))
+            code, obj = self.update(kind, key, new, sub, expect)
+        else:
+            return status_error(405, "MethodNotAllowed", f"{m} is not supported")
+        return web.json_response(obj, status=code) if code < 300 else status_error(code, obj["reason"], obj["message"])
+
+    async def _watch(self, request: web.Request, kind: Kind, ns: str | None) -> web.StreamResponse:
+        q = request.query
+        kk = self.kkey(kind)
+
+        def wanted(o: dict) -> bool:
+            return ((ns is None or o["metadata"].get("namespace") == ns)
+                    and label_match(q.get("labelSelector"), o["metadata"].get("labels") or {})
+                    and field_match(q.get("fieldSelector"), o))
+
+        since = q.get("resourceVersion") or "0"
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+
+        async def send(type_: str, obj: dict) -> None:
+            await resp.write(json.dumps({"type": type_, "object": obj}).encode() + b"\n")
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(q.get("timeoutSeconds") or 1800)
+        if since == "0":
+            pos = self.rv
+            for (okk, _, _), o in list(self.objects.items()):
+                if okk == kk and wanted(o):
+                    await send("ADDED", o)
+        else:
+            pos = int(since)
+            oldest = self.history[0][0] if self.history else self.rv + 1
+            if pos < oldest - 1 and pos < self.rv:
+                await send("ERROR", {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                     "reason": "Expired", "code": 410,
+                                     "message": f"too old resource version: {pos} ({oldest - 1})"})
+                return resp
+        try:
+            while True:
+                assert self.changed is not None
+                changed = self.changed
+                start = self._index_after(pos)
+                for rv, ekk, type_, obj in self.history[start:]:
+                    pos = rv
+                    if ekk == kk and wanted(obj):
+                        await send(type_, obj)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5))
+                except TimeoutError:
+                    pass
+        except (ConnectionResetError, asyncio.CancelledError):
+            return resp
+        return resp
+
+    def _index_after(self, rv: int) -> int:
+        lo, hi = 0, len(self.history)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.history[mid][0] <= rv:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> KubeFake:
+        ready = threading.Event()
+
+        def serve() -> None:
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            self.changed = asyncio.Event()
+            app = web.Application(client_max_size=64 * 2**20)
+            app.router.add_route("*", "/{tail:.*}", self.handle)
+            self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+            self.loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, host, port)
+            self.loop.run_until_complete(site.start())
+            sock = site._server.sockets[0]  # type: ignore[union-attr]
+            self.url = f"http://{host}:{sock.getsockname()[1]}"
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self._runner.cleanup())
+
+        self._thread = threading.Thread(target=serve, name="kube-fake", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self.loop:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    def kubeconfig(self, path) -> str:
+        """A kubeconfig file for clients in other processes (the operator)."""
+        import yaml
+
+        cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+               "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+               "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+               "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}]}
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        return str(path)
+
+    def call(self, fn, *args):
+        """Run `fn(*args)` on the server's loop (direct access for assertions)."""
+        assert self.loop is not None
+        fut = asyncio.run_coroutine_threadsafe(self._call(fn, *args), self.loop)
+        return fut.result(10)
+
+    @staticmethod
+    async def _call(fn, *args):
+        return fn(*args)
+
+
+if __name__ == "__main__":  # a standalone fake, for trying the operator by hand
+    import sys
+    import time
+
+    fake = KubeFake().start(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    print(fake.url, flush=True)
+    while True:
+        time.sleep(3600)

@@ -1,0 +1,197 @@
+"""Conformance of the Kubernetes API fake (tests/kube_fake.py) with kube-apiserver, for what the
+operator uses: each test pins one behaviour, through the real `kubernetes` client over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+from kube_fake import KubeFake, label_match
+from kube_sim import Cluster
+from kubernetes import client, watch
+from kubernetes.dynamic.exceptions import ApiException, ConflictError, NotFoundError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    f = KubeFake().start()
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(fake) -> Cluster:
+    c = Cluster(fake.url)
+    c.install_crds()
+    return c
+
+
+@pytest.fixture
+def core(cluster) -> client.CoreV1Api:
+    return client.CoreV1Api(cluster.api)
+
+
+def cm(name: str, **labels: str) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": labels}, "data": {"a": "1"}}
+
+
+def test_create_is_201_and_duplicates_are_409(cluster, core):
+    obj, code, _ = core.create_namespaced_config_map_with_http_info("default", cm("c1"))
+    assert code == 201
+    assert obj.metadata.uid and obj.metadata.resource_version and obj.metadata.creation_timestamp
+    with pytest.raises(client.ApiException) as e:
+        core.create_namespaced_config_map("default", cm("c1"))
+    assert e.value.status == 409 and '"reason":"AlreadyExists"' in e.value.body.replace(" ", "")
+    with pytest.raises(client.ApiException) as e:
+        core.read_namespaced_config_map("missing", "default")
+    assert e.value.status == 404
+    with pytest.raises(client.ApiException) as e:
+        core.create_namespaced_config_map("default", {"metadata": {}})
+    assert e.value.status == 422
+    made = core.create_namespaced_config_map("default", {"metadata": {"generateName": "gen-"}})
+    assert made.metadata.name.startswith("gen-") and len(made.metadata.name) > 4
+
+
+def test_resource_version_conflicts_and_noop_writes(cluster, core):
+    first = core.create_namespaced_config_map("default", cm("c2"))
+    second = core.patch_namespaced_config_map("c2", "default", {"data": {"a": "2"}},
+                                              _content_type="application/merge-patch+json")
+    assert int(second.metadata.resource_version) > int(first.metadata.resource_version)
+    stale = cm("c2")
+    stale["metadata"]["resourceVersion"] = first.metadata.resource_version
+    with pytest.raises(client.ApiException) as e:
+        core.replace_namespaced_config_map("c2", "default", stale)
+    assert e.value.status == 409 and "Conflict" in e.value.body
+    same = core.patch_namespaced_config_map("c2", "default", {"data": {"a": "2"}},
+                                            _content_type="application/merge-patch+json")
+    assert same.metadata.resource_version == second.metadata.resource_version  # nothing changed, no new version
+    fresh = cm("c2")
+    fresh["metadata"]["resourceVersion"] = second.metadata.resource_version
+    fresh["data"] = {"a": "3"}
+    assert core.replace_namespaced_config_map("c2", "default", fresh).data == {"a": "3"}
+    jp = core.patch_namespaced_config_map("c2", "default", [{"op": "replace", "path": "/data/a", "value": "4"}],
+                                          _content_type="application/json-patch+json")
+    assert jp.data == {"a": "4"}
+
+
+def test_label_selectors(cluster, core):
+    core.create_namespaced_config_map("default", cm("l1", app="x", tier="web"))
+    core.create_namespaced_config_map("default", cm("l2", app="y"))
+    core.create_namespaced_config_map("default", cm("l3"))
+
+    def names(sel: str) -> set[str]:
+        return {i.metadata.name for i in core.list_namespaced_config_map("default", label_selector=sel).items
+                if i.metadata.name in ("l1", "l2", "l3")}
+
+    assert names("app=x") == {"l1"}
+    assert names("app!=x") == {"l2", "l3"}
+    assert names("app in (x, y)") == {"l1", "l2"}
+    assert names("app notin (x)") == {"l2", "l3"}
+    assert names("app") == {"l1", "l2"}
+    assert names("!app") == {"l3"}
+    assert names("app=x,tier=web") == {"l1"}
+    assert not label_match("app in (x),tier=db", {"app": "x", "tier": "web"})
+
+
+def test_watch_from_a_resource_version_replays_and_streams(cluster, core, fake):
+    start = core.create_namespaced_config_map("default", cm("w1", watch="yes")).metadata.resource_version
+    core.patch_namespaced_config_map("w1", "default", {"data": {"a": "9"}})
+    core.create_namespaced_config_map("default", cm("w2", watch="yes"))
+    core.delete_namespaced_config_map("w1", "default")
+    events = [(e["type"], e["object"].metadata.name) for e in watch.Watch().stream(
+        core.list_namespaced_config_map, "default", label_selector="watch=yes", resource_version=start,
+        timeout_seconds=1)]
+    assert events == [("MODIFIED", "w1"), ("ADDED", "w2"), ("DELETED", "w1")]
+    listed = [(e["type"], e["object"].metadata.name) for e in watch.Watch().stream(
+        core.list_namespaced_config_map, "default", label_selector="watch=yes", timeout_seconds=1)]
+    assert listed == [("ADDED", "w2")]  # no version: the current objects
+
+
+def test_watch_from_a_version_too_old_is_410(cluster, core, fake):
+    core.create_namespaced_config_map("default", cm("old1"))
+    fake.history_limit = 2
+    try:
+        for i in range(3):
+            core.patch_namespaced_config_map("old1", "default", {"data": {"a": str(i + 10)}})
+        with pytest.raises(client.ApiException) as e:
+            for _ in watch.Watch().stream(core.list_namespaced_config_map, "default", resource_version="1",
+                                          timeout_seconds=1):
+                pass
+        assert e.value.status == 410
+    finally:
+        fake.history_limit = 200_000
+
+
+def test_status_subresource_and_generation(cluster):
+    ws = {"apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "s1", "namespace": "default"},
+          "resource": {"instanceType": "Standard_NC24ads_A100_v4"}, "inference": {"preset": {"name": "phi-4"}},
+          "status": {"state": "Ready"}}
+    made = cluster.create(ws)
+    assert "status" not in made and made["metadata"]["generation"] == 1  # status is not set on create
+    r = cluster.r("kaito.sh/v1beta1", "Workspace")
+    after = r.patch(body={"status": {"state": "X"}, "metadata": {"labels": {"a": "b"}}}, name="s1",
+                    namespace="default", content_type="application/merge-patch+json").to_dict()
+    assert "status" not in after and after["metadata"]["labels"] == {"a": "b"} and after["metadata"]["generation"] == 1
+    st = r.status.patch(body={"status": {"state": "Pending"}, "resource": {"count": 5}}, name="s1",
+                        namespace="default", content_type="application/merge-patch+json").to_dict()
+    assert st["status"] == {"state": "Pending"} and "count" not in st["resource"] and st["metadata"]["generation"] == 1
+    spec = r.patch(body={"resource": {"count": 2}}, name="s1", namespace="default",
+                   content_type="application/merge-patch+json").to_dict()
+    assert spec["metadata"]["generation"] == 2 and spec["status"] == {"state": "Pending"}
+
+
+def test_finalizers_hold_deletion(cluster, core):
+    body = cm("f1")
+    body["metadata"]["finalizers"] = ["example.com/hold"]
+    core.create_namespaced_config_map("default", body)
+    core.delete_namespaced_config_map("f1", "default")
+    held = core.read_namespaced_config_map("f1", "default")
+    assert held.metadata.deletion_timestamp is not None
+    with pytest.raises(client.ApiException) as e:
+        core.patch_namespaced_config_map("f1", "default", {"metadata": {"finalizers": ["example.com/hold", "x/y"]}})
+    assert e.value.status == 422
+    core.patch_namespaced_config_map("f1", "default", {"metadata": {"finalizers": None}},
+                                     _content_type="application/merge-patch+json")
+    with pytest.raises(client.ApiException) as e:
+        core.read_namespaced_config_map("f1", "default")
+    assert e.value.status == 404
+
+
+def test_owner_references_cascade(cluster, core):
+    owner = core.create_namespaced_config_map("default", cm("owner"))
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid, "controller": True}
+    for name in ("dep1", "dep2"):
+        body = cm(name)
+        body["metadata"]["ownerReferences"] = [ref]
+        core.create_namespaced_config_map("default", body)
+    grand = cm("grand")
+    dep1 = core.read_namespaced_config_map("dep1", "default")
+    grand["metadata"]["ownerReferences"] = [{**ref, "name": "dep1", "uid": dep1.metadata.uid}]
+    core.create_namespaced_config_map("default", grand)
+    core.delete_namespaced_config_map("owner", "default")
+    left = {i.metadata.name for i in core.list_namespaced_config_map("default").items}
+    assert not {"owner", "dep1", "dep2", "grand"} & left
+    owner = core.create_namespaced_config_map("default", cm("owner2"))
+    body = cm("orphan")
+    body["metadata"]["ownerReferences"] = [{**ref, "name": "owner2", "uid": owner.metadata.uid}]
+    core.create_namespaced_config_map("default", body)
+    core.delete_namespaced_config_map("owner2", "default", propagation_policy="Orphan")
+    assert not core.read_namespaced_config_map("orphan", "default").metadata.owner_references
+
+
+def test_discovery_and_custom_resources(cluster, fake):
+    import httpx
+
+    res = httpx.get(f"{fake.url}/apis/kaito.sh/v1beta1").json()
+    names = {r["name"] for r in res["resources"]}
+    assert {"workspaces", "workspaces/status", "ragengines", "ragengines/status"} <= names
+    assert httpx.get(f"{fake.url}/apis/nothing.example/v1").status_code == 404
+    assert httpx.get(f"{fake.url}/version").json()["major"] == "1"
+    with pytest.raises(NotFoundError):
+        cluster.r("kaito.sh/v1beta1", "Workspace").get(name="nope", namespace="default")
+    nc = cluster.create({"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "metadata": {"name": "nc1"}})
+    assert "namespace" not in nc["metadata"]  # cluster scoped
+    with pytest.raises(ConflictError):
+        cluster.create({"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "metadata": {"name": "nc1"}})
+    with pytest.raises(ApiException):
+        cluster.r("karpenter.sh/v1", "NodeClaim").patch(body={"a": 1}, name="nc1", content_type="application/apply-patch+yaml")
