@@ -110,7 +110,9 @@ def run_once(n: int, mode: str, progress: Progress) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", type=int, nargs="+", default=[200, 1000])
+    p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
+    out = args.out
     rows = []
     with Progress() as progress:
         for n in args.counts:
@@ -118,10 +120,10 @@ def main() -> None:
             oper = run_once(n, "operator", progress)
             oper["ratio_to_baseline"] = round(oper["workspaces_per_s"] / base["workspaces_per_s"], 3)
             rows += [base, oper]
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     fields = ["mode", "workspaces", "seconds", "workspaces_per_s", "p50_s", "p99_s", "api_requests",
               "ratio_to_baseline"]
-    with open(OUT / "operator_reconcile.csv", "w", newline="") as f:
+    with open(out / "operator_reconcile.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fields)
         w.writeheader()
         w.writerows(rows)
@@ -129,7 +131,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['workspaces']} | {r['seconds']} | {r['workspaces_per_s']} | {r['p50_s']} | "
               f"{r['p99_s']} | {r['api_requests']} | {r.get('ratio_to_baseline', '')} |" for r in rows]
-    (OUT / "operator_reconcile.md").write_text("\n".join(lines) + "\n")
+    (out / "operator_reconcile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
         import matplotlib
@@ -146,7 +148,7 @@ def main() -> None:
         ax.set_title("kaito-operator reconcile throughput (API fake, 2 cores)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(OUT / "operator_reconcile.png", dpi=120)
+        fig.savefig(out / "operator_reconcile.png", dpi=120)
     except ImportError:
         print("matplotlib not installed (the bench extra): no plot", file=sys.stderr)
 
