@@ -71,3 +71,18 @@ class Server:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self._log.close()
+
+
+class RagServer(Server):
+    """A `kaito-rag` process on 127.0.0.1 (same life cycle as `Server`)."""
+
+    def __init__(self, *args: str, env: dict | None = None, log_path: Path | None = None) -> None:
+        import os
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or Path(f"/tmp/kaito-rag-{self.port}.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([shutil.which("kaito-rag", path=str(BIN)), "--host", "127.0.0.1", "--port",
+                                      str(self.port), *args], env={**os.environ, **(env or {})}, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
