@@ -37,6 +37,7 @@ class Settings(BaseModel):
     chunk_size: int = Field(256, ge=32, description="tokens per chunk (MiniLM reads 256 word pieces)")
     chunk_overlap: int = Field(32, ge=0)
     embed_batch_size: int = Field(32, ge=1)
+    embedding_backend: Literal["auto", "torch", "onnx"] = "auto"
     limits: Limits = Limits()
 
     @model_validator(mode="after")
@@ -70,6 +71,7 @@ def from_env(env: dict[str, str] | None = None) -> dict:
         "context_window": "LLM_CONTEXT_WINDOW",
         "storage_dir": "DEFAULT_VECTOR_DB_PERSIST_DIR",
         "api_key": "KAITO_API_KEY",
+        "embedding_backend": "KAITO_RAG_EMBEDDING_BACKEND",
     }
     found = {field: env[var] for field, var in names.items() if env.get(var)}
     limits = {field: env[f"KAITO_RAG_{field.upper()}"] for field in Limits.model_fields

@@ -62,7 +62,7 @@ class RagEngine:
         s = self.settings
         if s.embedding_source == "remote":
             return RemoteEmbedding(s.remote_embedding_url, s.remote_embedding_key)
-        return LocalEmbedding(s.embedding_model, batch_size=s.embed_batch_size)
+        return LocalEmbedding(s.embedding_model, batch_size=s.embed_batch_size, backend=s.embedding_backend)
 
     def _load_all(self) -> None:
         for folder in sorted(self.indexes_dir.iterdir()):

@@ -1,0 +1,287 @@
+"""RAG benchmark: indexing chunks/s and retrieve latency at 10,000 chunks, kaito-rag against a plain
+LlamaIndex + FAISS + sentence-transformers baseline doing the same work in the same run.
+
+  kaito-rag   a `kaito-rag` process (ONNX Runtime embeddings, length-sorted batches, query batching,
+              hybrid FAISS + BM25 retrieval, durable SQLite writes), driven over HTTP with httpx
+  baseline    in this process: `VectorStoreIndex` over `FaissVectorStore(IndexFlatIP)` with
+              `HuggingFaceEmbedding` (sentence-transformers, LlamaIndex defaults), `as_retriever()`
+
+The corpus is generated (seeded): documents of 15-110 words, one chunk each. The baseline's indexing
+rate is measured on the first --baseline-chunks documents (it is slow); kaito-rag's on the same
+documents and on the whole corpus. For the baseline's retrieval the remaining chunks are inserted with
+kaito-rag's vectors (same model), so both search 10,000 chunks. Retrieval: --queries requests at
+concurrency 1 and 8 (threads). Targets: indexing >= 2x the baseline; p50 <= 20 ms and p99 <= 50 ms at
+concurrency 1; throughput at 8 >= 1.5x that at 1.
+
+    python benchmarks/rag_bench.py                      # 10,000 chunks
+    python benchmarks/rag_bench.py --chunks 2000 --baseline-chunks 500 --queries 100   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+BATCH = 500  # documents per /index call
+
+TOPICS = ["harbour", "glacier", "violin", "copper mine", "orchard", "lighthouse", "railway", "observatory",
+          "bakery", "library", "vineyard", "shipyard", "monastery", "bridge", "market", "reservoir", "quarry",
+          "windmill", "theatre", "greenhouse", "printing press", "clock tower", "salt marsh", "silk farm"]
+PLACES = ["Tromso", "Valparaiso", "Kyoto", "Nairobi", "Tallinn", "Cusco", "Hobart", "Leipzig", "Oaxaca", "Bergen",
+          "Dakar", "Porto", "Hanoi", "Quebec", "Tbilisi", "Galway", "Asmara", "Perth", "Lyon", "Manaus"]
+VERBS = ["was rebuilt", "was opened", "was flooded", "was sold", "was restored", "was expanded", "was closed",
+         "was painted", "was surveyed", "was moved"]
+FILLER = ("local records say that the work took many seasons and that the town paid for most of it, while "
+          "visitors still come to see the old stones, the narrow paths and the view over the water at dusk "
+          "when the light turns gold and the streets grow quiet again after the long day").split()
+
+
+def corpus(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        topic, place, verb = rng.choice(TOPICS), rng.choice(PLACES), rng.choice(VERBS)
+        year = rng.randint(1700, 2030)
+        words = rng.randint(5, 100)
+        start = rng.randint(0, len(FILLER) - 1)
+        filler = " ".join(FILLER[(start + k) % len(FILLER)] for k in range(words))
+        text = f"Record {i}: the {topic} of {place} {verb} in {year}; {filler}."
+        docs.append({"doc_id": f"doc-{i}", "text": text, "metadata": {"topic": topic, "place": place}})
+    return docs
+
+
+def queries(docs: list[dict], n: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        d = rng.choice(docs)["metadata"]
+        out.append(f"When was the {d['topic']} of {d['place']} {rng.choice(VERBS).split()[1]}?")
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latency_run(call, qs: list[str], concurrency: int) -> dict[str, float]:
+    """Runs every query once at the given concurrency; per-request latency and overall throughput."""
+    for q in qs[:5]:
+        call(q)  # warm-up
+    lat: list[float] = []
+
+    def one(q: str) -> None:
+        t = time.perf_counter()
+        call(q)
+        lat.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    if concurrency == 1:
+        for q in qs:
+            one(q)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, qs))
+    wall = time.perf_counter() - start
+    ms = np.asarray(lat) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "rps": len(qs) / wall}
+
+
+# --- kaito-rag ---------------------------------------------------------------------------------------------
+
+class Rag:
+    def __init__(self, storage: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([str(BIN / "kaito-rag"), "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--storage-dir", str(storage)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kaito-rag exited: see {log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"kaito-rag not ready: see {log}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def bench_rag(docs, qs, baseline_chunks: int, workdir: Path) -> tuple[dict, np.ndarray]:
+    rag = Rag(workdir / "storage", workdir / "kaito-rag.log")
+    try:
+        client = httpx.Client(base_url=rag.url, timeout=600)
+        times = []
+        for start in tqdm(range(0, len(docs), BATCH), desc="kaito-rag indexing", unit="batch"):
+            t = time.perf_counter()
+            r = client.post("/index", json={"index_name": "bench", "documents": docs[start:start + BATCH]})
+            r.raise_for_status()
+            times.append((min(BATCH, len(docs) - start), time.perf_counter() - t))
+        first = sum(dt for n, dt in times[: max(1, baseline_chunks // BATCH)])
+        result = {"index_chunks_s": len(docs) / sum(dt for _, dt in times),
+                  "index_chunks_s_subset": min(baseline_chunks, len(docs)) / first}
+        local = __import__("threading").local()
+
+        def call(q: str) -> None:
+            if not hasattr(local, "c"):
+                local.c = httpx.Client(base_url=rag.url, timeout=60)
+            local.c.post("/retrieve", json={"index_name": "bench", "query": q, "max_node_count": 5}).raise_for_status()
+
+        for c in (1, 8):
+            for k, v in latency_run(call, qs, c).items():
+                result[f"c{c}_{k}"] = v
+        vectors = export_vectors(workdir / "storage", len(docs))
+    finally:
+        rag.stop()
+    return result, vectors
+
+
+def export_vectors(storage: Path, n: int) -> np.ndarray:
+    """kaito-rag's stored vectors in document order (for the baseline's retrieval index)."""
+    import sqlite3
+
+    conn = sqlite3.connect(storage / "indexes" / "bench" / "index.sqlite")
+    rows = conn.execute("SELECT doc_id, vector FROM chunks").fetchall()
+    conn.close()
+    out = np.zeros((n, 384), dtype=np.float32)
+    for doc_id, blob in rows:
+        out[int(doc_id.split("-")[1])] = np.frombuffer(blob, dtype=np.float32)
+    return out
+
+
+# --- baseline ----------------------------------------------------------------------------------------------
+
+def bench_baseline(docs, qs, baseline_chunks: int, vectors: np.ndarray) -> dict:
+    import faiss
+    from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.schema import TextNode
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
+    from kaito.ragservice.embedding import resolve_local_model
+
+    Settings.llm = None  # no OpenAI fallback
+    embed = HuggingFaceEmbedding(model_name=resolve_local_model("all-MiniLM-L6-v2"), device="cpu")
+    store = FaissVectorStore(faiss_index=faiss.IndexFlatIP(384))
+    index = VectorStoreIndex([], storage_context=StorageContext.from_defaults(vector_store=store), embed_model=embed)
+    splitter = SentenceSplitter(chunk_size=256, chunk_overlap=32)
+    subset = docs[:baseline_chunks]
+    t = time.perf_counter()
+    for start in tqdm(range(0, len(subset), BATCH), desc="baseline indexing", unit="batch"):
+        batch = [Document(text=d["text"], id_=d["doc_id"], metadata=d["metadata"]) for d in subset[start:start + BATCH]]
+        index.insert_nodes(splitter.get_nodes_from_documents(batch))
+    result = {"index_chunks_s": len(subset) / (time.perf_counter() - t)}
+    rest = [TextNode(text=d["text"], id_=f"n-{d['doc_id']}", metadata=d["metadata"], embedding=vectors[i].tolist())
+            for i, d in enumerate(docs) if i >= baseline_chunks]
+    if rest:
+        index.insert_nodes(rest)
+    retriever = index.as_retriever(similarity_top_k=5)
+    for c in (1, 8):
+        for k, v in latency_run(retriever.retrieve, qs, c).items():
+            result[f"c{c}_{k}"] = v
+    return result
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+def report(rag: dict, base: dict, args, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["index_chunks_s", "c1_p50_ms", "c1_p99_ms", "c1_rps", "c8_p50_ms", "c8_p99_ms", "c8_rps"]
+    with open(out / "rag.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["target", *keys, "index_chunks_s_subset"])
+        w.writerow(["kaito-rag", *[f"{rag[k]:.2f}" for k in keys], f"{rag['index_chunks_s_subset']:.2f}"])
+        w.writerow(["baseline", *[f"{base[k]:.2f}" for k in keys], f"{base['index_chunks_s']:.2f}"])
+    index_ratio = rag["index_chunks_s_subset"] / base["index_chunks_s"]
+    scaling = rag["c8_rps"] / rag["c1_rps"]
+    ok = lambda b: "yes" if b else "**no**"  # noqa: E731
+    md = [f"# RAG benchmark ({args.chunks} chunks, {args.queries} queries per concurrency, {os.cpu_count()} CPUs)", "",
+          "| | kaito-rag | baseline (LlamaIndex + FAISS + sentence-transformers) |", "|---|---|---|",
+          f"| indexing, first {args.baseline_chunks} chunks (chunks/s) | {rag['index_chunks_s_subset']:.1f} | "
+          f"{base['index_chunks_s']:.1f} |",
+          f"| indexing, all {args.chunks} chunks (chunks/s) | {rag['index_chunks_s']:.1f} | - |"]
+    for c in (1, 8):
+        md += [f"| retrieve p50 / p99 at concurrency {c} (ms) | {rag[f'c{c}_p50_ms']:.1f} / {rag[f'c{c}_p99_ms']:.1f} | "
+               f"{base[f'c{c}_p50_ms']:.1f} / {base[f'c{c}_p99_ms']:.1f} |",
+               f"| retrieve throughput at concurrency {c} (req/s) | {rag[f'c{c}_rps']:.1f} | {base[f'c{c}_rps']:.1f} |"]
+    md += ["", "| target | measured | met |", "|---|---|---|",
+           f"| indexing >= 2x baseline | {index_ratio:.2f}x | {ok(index_ratio >= 2)} |",
+           f"| retrieve p50 <= 20 ms at concurrency 1 | {rag['c1_p50_ms']:.1f} ms | {ok(rag['c1_p50_ms'] <= 20)} |",
+           f"| retrieve p99 <= 50 ms at concurrency 1 | {rag['c1_p99_ms']:.1f} ms | {ok(rag['c1_p99_ms'] <= 50)} |",
+           f"| throughput at 8 >= 1.5x at 1 | {scaling:.2f}x | {ok(scaling >= 1.5)} |", "",
+           "kaito-rag is measured over HTTP (a real client against the server process, durable writes "
+           "included); the baseline in-process, without HTTP or persistence."]
+    text = "\n".join(md) + "\n"
+    (out / "rag.md").write_text(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        names = ["kaito-rag", "baseline"]
+        axes[0].bar(names, [rag["index_chunks_s_subset"], base["index_chunks_s"]], color=["C0", "C7"])
+        axes[0].set_title(f"indexing (chunks/s, first {args.baseline_chunks})")
+        for i, (name, r) in enumerate(zip(names, (rag, base))):
+            axes[1].bar([i * 3, i * 3 + 1], [r["c1_p50_ms"], r["c1_p99_ms"]], color=["C0", "C7"][i], label=name)
+            axes[2].bar([i * 3, i * 3 + 1], [r["c1_rps"], r["c8_rps"]], color=["C0", "C7"][i], label=name)
+        axes[1].set_xticks([0, 1, 3, 4], ["p50", "p99", "p50", "p99"])
+        axes[1].set_title("retrieve latency at concurrency 1 (ms)")
+        axes[2].set_xticks([0, 1, 3, 4], ["c=1", "c=8", "c=1", "c=8"])
+        axes[2].set_title("retrieve throughput (req/s)")
+        for ax in axes[1:]:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "rag.png", dpi=100)
+    except ImportError:
+        pass
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chunks", type=int, default=10_000)
+    p.add_argument("--baseline-chunks", type=int, default=2000, help="documents the baseline indexes itself")
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    docs, qs = corpus(args.chunks), queries(corpus(args.chunks), args.queries)
+    workdir = Path(tempfile.mkdtemp(prefix="rag-bench-"))
+    try:
+        rag, vectors = bench_rag(docs, qs, args.baseline_chunks, workdir)
+        base = bench_baseline(docs, qs, min(args.baseline_chunks, args.chunks), vectors)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(report(rag, base, args, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
