@@ -36,7 +36,7 @@ class Settings(BaseModel):
     context_window: int | None = Field(None, gt=0)
     chunk_size: int = Field(256, ge=32, description="tokens per chunk (MiniLM reads 256 word pieces)")
     chunk_overlap: int = Field(32, ge=0)
-    embed_batch_size: int = Field(32, ge=1)
+    embed_batch_size: int = Field(64, ge=1)
     embedding_backend: Literal["auto", "torch", "onnx"] = "auto"
     limits: Limits = Limits()
 

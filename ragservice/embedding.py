@@ -109,6 +109,9 @@ class OnnxTransformer:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = os.cpu_count() or 1
+        # threads that spin while waiting for work steal the CPU from the rest of the server: measured
+        # faster (documents and queries) with spinning off on a busy 2-core machine
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
@@ -150,10 +153,25 @@ class OnnxTransformer:
                                   output_names=["last_hidden_state"], opset_version=17, dynamo=False,
                                   dynamic_axes={n: {v: k for k, v in axes.items()} for n in
                                                 ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")})
+            OnnxTransformer._fuse(tmp, hf_model.config)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
         return target
+
+    @staticmethod
+    def _fuse(path: Path, config) -> None:
+        """ONNX Runtime's transformer optimizer fuses attention, GELU and layer norms of BERT models
+        (measured: single-query latency about 1.5x lower). Other models stay as exported."""
+        if getattr(config, "model_type", None) != "bert":
+            return
+        from onnxruntime.transformers import optimizer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = optimizer.optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
+                                             hidden_size=config.hidden_size)
+        fused.save_model_to_file(str(path))
 
     def verify(self, reference) -> None:
         probes = ["hello", "The capital of France is Paris.", "def add(a, b):\n    return a + b",

@@ -45,6 +45,9 @@ CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text); END;
 """
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
+# One query searches 10^4-10^5 vectors: a single thread does it in about a millisecond, while waking an
+# OpenMP team on a busy machine costs tens of milliseconds at the tail. Concurrency comes from requests.
+faiss.omp_set_num_threads(1)
 
 
 class StoreError(ValueError):
@@ -99,7 +102,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
+    _cache(conn)
     return conn
+
+
+def _cache(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache: the keyword index stays in memory
+    conn.execute("PRAGMA mmap_size=268435456")
 
 
 def fsync_dir(path: Path) -> None:
@@ -118,6 +127,8 @@ class IndexStore:
         self.folder, self.name, self.dim = folder, name, dim
         self.lock = threading.RLock()
         self.conn = _connect(folder / DB_FILE)
+        self._local = threading.local()  # per-thread read connections: keyword search runs outside the lock
+        self._readers: list[sqlite3.Connection] = []
         self.conn.executescript(SCHEMA)
         meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
         if not meta:
@@ -166,6 +177,20 @@ class IndexStore:
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (WAL readers see the last commit and never block writers)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self.folder / DB_FILE}?mode=ro", uri=True, check_same_thread=False)
+            _cache(conn)
+            self._local.conn = conn
+            with self.lock:
+                self._readers.append(conn)
+        return conn
 
     def backup_to(self, target: Path) -> None:
         """A consistent copy of the database at `target` (written beside it, then renamed into place)."""
@@ -209,7 +234,7 @@ class IndexStore:
                stopwords: frozenset[str] = frozenset()) -> list[Hit]:
         """Hybrid search: FAISS cosine similarity and FTS5 BM25, fused by reciprocal rank. The score is
         the fused score scaled to (0, 1]: 1.0 for a chunk ranked first by both."""
-        with self.lock:
+        with self.lock:  # memory state and FAISS change together with writes
             allowed = None
             if metadata_filter:
                 allowed = [c for d, (_, meta) in self.docs.items() if matches(meta, metadata_filter)
@@ -224,21 +249,27 @@ class IndexStore:
             if allowed is not None:
                 params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
             _, ids = self.vectors.search(vector.reshape(1, -1), depth, params=params)
-            dense = [int(i) for i in ids[0] if i >= 0]
-            keyword = self._keyword(query, depth, allowed, stopwords)
-            fused: dict[int, float] = {}
-            for ranking in (dense, keyword):
-                for rank, cid in enumerate(ranking):
-                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
-            best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
-            rows = {r[0]: r[1:] for r in self.conn.execute(
-                "SELECT id, doc_id, node_id, text FROM chunks WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps([cid for cid, _ in best]),))}
-            scale = (RRF_K + 1) / 2
-            return [Hit(rows[cid][0], rows[cid][1], rows[cid][2], min(1.0, score * scale),
-                        self.docs.get(rows[cid][0], ("", {}))[1]) for cid, score in best if cid in rows]
+            docs = self.docs
+        # the keyword search and the row fetch read the database outside the lock; a chunk deleted
+        # meanwhile is simply not found below
+        reader = self._reader()
+        dense = [int(i) for i in ids[0] if i >= 0]
+        keyword = self._keyword(reader, query, depth, allowed, stopwords)
+        fused: dict[int, float] = {}
+        for ranking in (dense, keyword):
+            for rank, cid in enumerate(ranking):
+                fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
+        best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
+        rows = {r[0]: r[1:] for r in reader.execute(
+            "SELECT id, doc_id, node_id, text FROM chunks WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps([cid for cid, _ in best]),))}
+        scale = (RRF_K + 1) / 2
+        return [Hit(rows[cid][0], rows[cid][1], rows[cid][2], min(1.0, score * scale),
+                    docs.get(rows[cid][0], ("", {}))[1]) for cid, score in best if cid in rows]
 
-    def _keyword(self, query: str, depth: int, allowed: list[int] | None, stopwords: frozenset[str]) -> list[int]:
+    @staticmethod
+    def _keyword(conn: sqlite3.Connection, query: str, depth: int, allowed: list[int] | None,
+                 stopwords: frozenset[str]) -> list[int]:
         terms = [t for t in dict.fromkeys(re.findall(r"\w+", query.lower())) if t not in stopwords]
         if not terms:
             return []
@@ -250,7 +281,7 @@ class IndexStore:
             args.append(json.dumps(allowed))
         sql += " ORDER BY rank LIMIT ?"
         args.append(depth)
-        return [r[0] for r in self.conn.execute(sql, args)]
+        return [r[0] for r in conn.execute(sql, args)]
 
     # --- writes (each one transaction; memory follows only after the commit) ----------------------
 
