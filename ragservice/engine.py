@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import shutil
+import sqlite3
 import threading
 import uuid
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from .chunking import Chunker
 from .config import Settings
 from .embedding import LocalEmbedding, QueryBatcher, RemoteEmbedding
-from .store import DB_FILE, Hit, IndexStore, PreparedDoc, StoredDoc, StoreError, fsync_dir
+from .store import DB_FILE, Hit, IndexStore, PreparedDoc, StoredDoc, StoreError, backup, fsync_dir
 
 log = logging.getLogger("kaito.ragservice")
 
@@ -130,14 +131,10 @@ class RagEngine:
             scratch = self.indexes_dir / f".load-{name}-{uuid.uuid4().hex[:8]}"
             scratch.mkdir()
             try:
-                import sqlite3
-
                 src = sqlite3.connect(f"file:{source / DB_FILE}?mode=ro", uri=True)
                 try:
                     src.execute("SELECT count(*) FROM documents").fetchone()
-                    copy = IndexStore.__new__(IndexStore)  # only for its backup helper
-                    copy.conn, copy.lock = src, threading.RLock()
-                    IndexStore.backup_to(copy, scratch / DB_FILE)
+                    backup(src, scratch / DB_FILE)
                 except sqlite3.DatabaseError as e:
                     raise StoreError(f"{source / DB_FILE} is not a kaito-rag index: {e}") from e
                 finally:

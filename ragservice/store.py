@@ -119,6 +119,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def backup(conn: sqlite3.Connection, target: Path) -> None:
+    """A consistent copy of a database at `target`, written beside it, fsynced, then renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        dst = sqlite3.connect(tmp)
+        conn.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")
+        dst.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class IndexStore:
     """Thread-safe: `lock` serialises the database connection and FAISS; callers do the slow work
     (chunking, embedding) before taking it."""
@@ -193,21 +210,8 @@ class IndexStore:
         return conn
 
     def backup_to(self, target: Path) -> None:
-        """A consistent copy of the database at `target` (written beside it, then renamed into place)."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            dst = sqlite3.connect(tmp)
-            with self.lock:
-                self.conn.backup(dst)
-            dst.execute("PRAGMA journal_mode=DELETE")
-            dst.close()
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self.lock:
+            backup(self.conn, target)
 
     # --- reads -----------------------------------------------------------------------------------
 

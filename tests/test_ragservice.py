@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import RagServer, Server
+from helpers import RagServer, Server, run_cli
 
 KEY = "rag-key"
 LLM_KEY = "llm-key"
@@ -276,6 +276,19 @@ def test_query_answers_with_source_nodes(rag, facts):
     assert "reykjavik" in body["response"].lower()
     assert body["source_nodes"][0]["text"] == FACTS["scope"][0] and len(body["source_nodes"]) == 2
     assert rag.post("/query", json={"index_name": "nope", "query": "x"}).status_code == 404
+
+
+def test_cli_help_and_bad_configuration():
+    done = run_cli("kaito-rag", "--help")
+    assert done.returncode == 0 and "--remote-embedding-url" in done.stdout and "LLM_INFERENCE_URL" in done.stdout
+    import os
+
+    env = {**os.environ, "EMBEDDING_SOURCE_TYPE": "remote"}
+    env.pop("REMOTE_EMBEDDING_URL", None)
+    done = run_cli("kaito-rag", env=env)
+    assert done.returncode == 2 and "REMOTE_EMBEDDING_URL" in done.stderr
+    done = run_cli("kaito-rag", env={**os.environ, "LLM_CONTEXT_WINDOW": "lots"})
+    assert done.returncode == 2 and "context_window" in done.stderr
 
 
 # --- durability ----------------------------------------------------------------------------------------
