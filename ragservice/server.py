@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.utils import get_tokenizer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .chunking import ChunkingError
 from .config import Settings
@@ -138,8 +138,6 @@ class Metrics:
                                 ["route", "method", "status"], registry=r)
         self.latency = Histogram("rag_request_latency_seconds", "HTTP request latency by route", ["route"],
                                  buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30, 60, 120), registry=r)
-        from prometheus_client import Gauge
-
         Gauge("rag_indexes", "Indexes loaded", registry=r).set_function(
             lambda: len(rag.engine.indexes) if rag.engine else 0)
         Gauge("rag_documents", "Documents in all indexes", registry=r).set_function(
