@@ -3,8 +3,8 @@
     locust -f benchmarks/locust_rag.py --headless -u 8 -r 8 -t 60s --host http://127.0.0.1:5000 \
         --csv benchmarks/results/locust_rag
 
-Each user seeds the index on start (same documents for every user: repeats add nothing), then indexes
-a new small document now and then, retrieves with generated questions, and asks chat questions answered
+The index is seeded once before the users start (200 generated documents); each user then indexes a
+new small document now and then, retrieves with generated questions, and asks chat questions answered
 from the index (needs the service's LLM; set KAITO_BENCH_CHAT=0 to leave chat out).
 Environment: KAITO_BENCH_INDEX (default locust), KAITO_BENCH_API_KEY, KAITO_BENCH_MODEL (chat model name),
 KAITO_BENCH_MAX_TOKENS (default 32).
@@ -18,7 +18,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from locust import HttpUser, between, task
+import httpx
+from locust import HttpUser, between, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rag_bench import corpus, queries  # noqa: E402
@@ -32,13 +33,21 @@ SEED = corpus(200)
 QUESTIONS = queries(SEED, 500)
 
 
+HEADERS = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
+
+
+@events.test_start.add_listener
+def seed(environment, **_) -> None:
+    r = httpx.post(f"{environment.host}/index", json={"index_name": INDEX, "documents": SEED}, headers=HEADERS,
+                   timeout=600)
+    r.raise_for_status()
+
+
 class RagUser(HttpUser):
     wait_time = between(0, 0.05)
 
     def on_start(self) -> None:
-        if API_KEY:
-            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
-        self.client.post("/index", json={"index_name": INDEX, "documents": SEED}, name="/index (seed)")
+        self.client.headers.update(HEADERS)
 
     @task(1)
     def index(self) -> None:
