@@ -1,1 +1,2 @@
-"""kaito.ragservice: The RAG HTTP service (issue 4)."""
+"""kaito.ragservice: `kaito-rag`, the RAG service a RAGEngine deploys (upstream KAITO RAGEngine HTTP API on
+LlamaIndex, FAISS and SQLite FTS5). The app is `kaito.ragservice.server.create_app(Settings(...))`."""

@@ -3,5 +3,5 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k estimator
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh cpu,dev,operator,tune,chart
+bash scripts/setup.sh cpu,dev,operator,tune,chart,rag
 exec .venv/bin/pytest "$@"

@@ -34,13 +34,15 @@ class Server:
     its own session, so engine processes it starts (vLLM's engine core and workers) are stopped with it;
     `loading` keeps what /health answered before the model was ready, `start_s` how long that took."""
 
+    program = "kaito-serve"
+
     def __init__(self, *args: str, env: dict | None = None, log_path: Path | None = None) -> None:
         import os
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        exe = shutil.which("kaito-serve", path=str(BIN))
-        self.log_path = log_path or Path(f"/tmp/kaito-serve-{self.port}.log")
+        exe = shutil.which(self.program, path=str(BIN))
+        self.log_path = log_path or Path(f"/tmp/{self.program}-{self.port}.log")
         with open(self.log_path, "w") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(self.port), *args],
                                          env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
@@ -56,7 +58,7 @@ class Server:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"kaito-serve exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.program} exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 r = httpx.get(f"{self.url}/health", timeout=5)
                 if r.status_code == 200:
@@ -66,7 +68,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError(f"kaito-serve not ready after {timeout} s:\n{self.log()}")
+        raise TimeoutError(f"{self.program} not ready after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -86,3 +88,9 @@ class Server:
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=10)
+
+
+class RagServer(Server):
+    """A `kaito-rag` process on 127.0.0.1 (same life cycle as `Server`)."""
+
+    program = "kaito-rag"

@@ -1,0 +1,326 @@
+"""RAG benchmark: indexing chunks/s and retrieve latency at 10,000 chunks, kaito-rag against a plain
+LlamaIndex + FAISS + sentence-transformers baseline doing the same work in the same run.
+
+  kaito-rag   a `kaito-rag` process (ONNX Runtime embeddings, length-sorted batches, query batching,
+              hybrid FAISS + BM25 retrieval, durable SQLite writes), driven over HTTP with httpx
+  baseline    in this process: `VectorStoreIndex` over `FaissVectorStore(IndexFlatIP)` with
+              `HuggingFaceEmbedding` (sentence-transformers, LlamaIndex defaults), `as_retriever()`
+
+The corpus is generated (seeded): documents of 15-110 words, one chunk each. The machine is shared, so
+the two targets are interleaved: indexing alternates batches of 250 documents (kaito-rag over HTTP,
+then the baseline) over the first --baseline-chunks documents (the baseline is slow), then kaito-rag
+indexes the rest; for the baseline's retrieval the remaining chunks are inserted with kaito-rag's
+vectors (same model), so both search the whole corpus. Retrieval: --queries requests at concurrency 1
+and 8, in alternating rounds (kaito-rag: one asyncio httpx client; baseline: threads). Targets: indexing >= 2x the baseline; p50 <= 20 ms and p99 <= 50 ms at
+concurrency 1; throughput at 8 >= 1.5x that at 1.
+
+    python benchmarks/rag_bench.py                      # 10,000 chunks
+    python benchmarks/rag_bench.py --chunks 2000 --baseline-chunks 500 --queries 100   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import csv
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+BATCH = 500  # documents per /index call
+
+TOPICS = ["harbour", "glacier", "violin", "copper mine", "orchard", "lighthouse", "railway", "observatory",
+          "bakery", "library", "vineyard", "shipyard", "monastery", "bridge", "market", "reservoir", "quarry",
+          "windmill", "theatre", "greenhouse", "printing press", "clock tower", "salt marsh", "silk farm"]
+PLACES = ["Tromso", "Valparaiso", "Kyoto", "Nairobi", "Tallinn", "Cusco", "Hobart", "Leipzig", "Oaxaca", "Bergen",
+          "Dakar", "Porto", "Hanoi", "Quebec", "Tbilisi", "Galway", "Asmara", "Perth", "Lyon", "Manaus"]
+VERBS = ["was rebuilt", "was opened", "was flooded", "was sold", "was restored", "was expanded", "was closed",
+         "was painted", "was surveyed", "was moved"]
+FILLER = ("local records say that the work took many seasons and that the town paid for most of it, while "
+          "visitors still come to see the old stones, the narrow paths and the view over the water at dusk "
+          "when the light turns gold and the streets grow quiet again after the long day").split()
+
+
+def corpus(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        topic, place, verb = rng.choice(TOPICS), rng.choice(PLACES), rng.choice(VERBS)
+        year = rng.randint(1700, 2030)
+        words = rng.randint(5, 100)
+        start = rng.randint(0, len(FILLER) - 1)
+        filler = " ".join(FILLER[(start + k) % len(FILLER)] for k in range(words))
+        text = f"Record {i}: the {topic} of {place} {verb} in {year}; {filler}."
+        docs.append({"doc_id": f"doc-{i}", "text": text, "metadata": {"topic": topic, "place": place}})
+    return docs
+
+
+def queries(docs: list[dict], n: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        d = rng.choice(docs)["metadata"]
+        out.append(f"When was the {d['topic']} of {d['place']} {rng.choice(VERBS).split()[1]}?")
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def http_latency_run(url: str, qs: list[str], concurrency: int) -> dict[str, float]:
+    """`latency_run` for the server: one asyncio client with `concurrency` requests in flight (a thread per
+    request would measure the client's GIL more than the server)."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        async def call(q: str) -> float:
+            t = time.perf_counter()
+            r = await client.post("/retrieve", json={"index_name": "bench", "query": q, "max_node_count": 5})
+            r.raise_for_status()
+            return time.perf_counter() - t
+
+        for q in qs[:5]:
+            await call(q)  # warm-up
+        pending = list(qs)
+        lat: list[float] = []
+
+        async def worker() -> None:
+            while pending:
+                lat.append(await call(pending.pop()))
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return lat, time.perf_counter() - start
+
+
+def summary(lat: list[float], wall: float) -> dict[str, float]:
+    ms = np.asarray(lat) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "rps": len(lat) / wall}
+
+
+# --- kaito-rag ---------------------------------------------------------------------------------------------
+
+class Rag:
+    def __init__(self, storage: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([str(BIN / "kaito-rag"), "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--storage-dir", str(storage)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kaito-rag exited: see {log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"kaito-rag not ready: see {log}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def bench(docs, qs, baseline_chunks: int, workdir: Path) -> tuple[dict, dict]:
+    """Both targets, interleaved so that they see the same background load: indexing alternates batches
+    of kaito-rag and of the baseline over the first `baseline_chunks` documents, then kaito-rag indexes the
+    rest alone; retrieval alternates rounds at concurrency 1 and 8."""
+    rag = Rag(workdir / "storage", workdir / "kaito-rag.log")
+    try:
+        baseline = Baseline()
+        client = httpx.Client(base_url=rag.url, timeout=600)
+        ours, theirs = [], []
+        step = 250
+        for start in tqdm(range(0, len(docs), step), desc="indexing", unit="batch"):
+            batch = docs[start:start + step]
+            t = time.perf_counter()
+            client.post("/index", json={"index_name": "bench", "documents": batch}).raise_for_status()
+            ours.append((len(batch), time.perf_counter() - t))
+            if start < baseline_chunks:
+                theirs.append((len(batch), baseline.index(batch)))
+        n_sub = min(baseline_chunks, len(docs))
+        rag_result = {"index_chunks_s": len(docs) / sum(dt for _, dt in ours),
+                      "index_chunks_s_subset": n_sub / sum(dt for _, dt in ours[:len(theirs)])}
+        base_result = {"index_chunks_s": n_sub / sum(dt for _, dt in theirs)}
+        baseline.add_vectors(docs, export_vectors(workdir / "storage", len(docs)), n_sub)
+        rounds = 3
+        runs: dict[tuple[str, int], tuple[list, float]] = {}
+        for part in range(rounds):
+            chunk = qs[part::rounds]
+            for c in (1, 8):
+                for name, (lat, wall) in (("rag", asyncio.run(http_latency_run(rag.url, chunk, c))),
+                                          ("base", baseline.latency(chunk, c))):
+                    prev = runs.get((name, c), ([], 0.0))
+                    runs[(name, c)] = (prev[0] + lat, prev[1] + wall)
+        for (name, c), (lat, wall) in runs.items():
+            for k, v in summary(lat, wall).items():
+                (rag_result if name == "rag" else base_result)[f"c{c}_{k}"] = v
+    finally:
+        rag.stop()
+    return rag_result, base_result
+
+
+def export_vectors(storage: Path, n: int) -> np.ndarray:
+    """kaito-rag's stored vectors in document order (for the baseline's retrieval index)."""
+    import sqlite3
+
+    conn = sqlite3.connect(storage / "indexes" / "bench" / "index.sqlite")
+    rows = conn.execute("SELECT doc_id, vector FROM chunks").fetchall()
+    conn.close()
+    out = np.zeros((n, 384), dtype=np.float32)
+    for doc_id, blob in rows:
+        out[int(doc_id.split("-")[1])] = np.frombuffer(blob, dtype=np.float32)
+    return out
+
+
+# --- baseline ----------------------------------------------------------------------------------------------
+
+class Baseline:
+    """Plain LlamaIndex: VectorStoreIndex over FaissVectorStore(IndexFlatIP), HuggingFaceEmbedding
+    (sentence-transformers, LlamaIndex's defaults), SentenceSplitter as kaito-rag's, `as_retriever()`."""
+
+    def __init__(self) -> None:
+        import faiss
+        from llama_index.core import Settings, StorageContext, VectorStoreIndex
+        from llama_index.core.node_parser import SentenceSplitter
+        from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+        from llama_index.vector_stores.faiss import FaissVectorStore
+
+        from kaito.ragservice.embedding import resolve_local_model
+
+        Settings.llm = None  # no OpenAI fallback
+        embed = HuggingFaceEmbedding(model_name=resolve_local_model("all-MiniLM-L6-v2"), device="cpu")
+        store = FaissVectorStore(faiss_index=faiss.IndexFlatIP(384))
+        self.store = VectorStoreIndex([], storage_context=StorageContext.from_defaults(vector_store=store),
+                                      embed_model=embed)
+        self.splitter = SentenceSplitter(chunk_size=256, chunk_overlap=32)
+
+    def index(self, docs: list[dict]) -> float:
+        from llama_index.core import Document
+
+        t = time.perf_counter()
+        batch = [Document(text=d["text"], id_=d["doc_id"], metadata=d["metadata"]) for d in docs]
+        self.store.insert_nodes(self.splitter.get_nodes_from_documents(batch))
+        return time.perf_counter() - t
+
+    def add_vectors(self, docs: list[dict], vectors: np.ndarray, skip: int) -> None:
+        from llama_index.core.schema import TextNode
+
+        rest = [TextNode(text=d["text"], id_=f"n-{d['doc_id']}", metadata=d["metadata"], embedding=vectors[i].tolist())
+                for i, d in enumerate(docs) if i >= skip]
+        if rest:
+            self.store.insert_nodes(rest)
+        self.retriever = self.store.as_retriever(similarity_top_k=5)
+
+    def latency(self, qs: list[str], concurrency: int) -> tuple[list[float], float]:
+        for q in qs[:5]:
+            self.retriever.retrieve(q)  # warm-up
+        lat: list[float] = []
+
+        def one(q: str) -> None:
+            t = time.perf_counter()
+            self.retriever.retrieve(q)
+            lat.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, qs))
+        return lat, time.perf_counter() - start
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+def report(rag: dict, base: dict, args, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["index_chunks_s", "c1_p50_ms", "c1_p99_ms", "c1_rps", "c8_p50_ms", "c8_p99_ms", "c8_rps"]
+    with open(out / "rag.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["target", *keys, "index_chunks_s_subset"])
+        w.writerow(["kaito-rag", *[f"{rag[k]:.2f}" for k in keys], f"{rag['index_chunks_s_subset']:.2f}"])
+        w.writerow(["baseline", *[f"{base[k]:.2f}" for k in keys], f"{base['index_chunks_s']:.2f}"])
+    index_ratio = rag["index_chunks_s_subset"] / base["index_chunks_s"]
+    scaling = rag["c8_rps"] / rag["c1_rps"]
+    ok = lambda b: "yes" if b else "**no**"  # noqa: E731
+    md = [f"# RAG benchmark ({args.chunks} chunks, {args.queries} queries per concurrency, {os.cpu_count()} CPUs)", "",
+          "| | kaito-rag | baseline (LlamaIndex + FAISS + sentence-transformers) |", "|---|---|---|",
+          f"| indexing, first {args.baseline_chunks} chunks (chunks/s) | {rag['index_chunks_s_subset']:.1f} | "
+          f"{base['index_chunks_s']:.1f} |",
+          f"| indexing, all {args.chunks} chunks (chunks/s) | {rag['index_chunks_s']:.1f} | - |"]
+    for c in (1, 8):
+        md += [f"| retrieve p50 / p99 at concurrency {c} (ms) | {rag[f'c{c}_p50_ms']:.1f} / {rag[f'c{c}_p99_ms']:.1f} | "
+               f"{base[f'c{c}_p50_ms']:.1f} / {base[f'c{c}_p99_ms']:.1f} |",
+               f"| retrieve throughput at concurrency {c} (req/s) | {rag[f'c{c}_rps']:.1f} | {base[f'c{c}_rps']:.1f} |"]
+    md += ["", "| target | measured | met |", "|---|---|---|",
+           f"| indexing >= 2x baseline | {index_ratio:.2f}x | {ok(index_ratio >= 2)} |",
+           f"| retrieve p50 <= 20 ms at concurrency 1 | {rag['c1_p50_ms']:.1f} ms | {ok(rag['c1_p50_ms'] <= 20)} |",
+           f"| retrieve p99 <= 50 ms at concurrency 1 | {rag['c1_p99_ms']:.1f} ms | {ok(rag['c1_p99_ms'] <= 50)} |",
+           f"| throughput at 8 >= 1.5x at 1 | {scaling:.2f}x | {ok(scaling >= 1.5)} |", "",
+           "kaito-rag is measured over HTTP (a real client against the server process, durable writes "
+           "included); the baseline in-process, without HTTP or persistence."]
+    text = "\n".join(md) + "\n"
+    (out / "rag.md").write_text(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        names = ["kaito-rag", "baseline"]
+        axes[0].bar(names, [rag["index_chunks_s_subset"], base["index_chunks_s"]], color=["C0", "C7"])
+        axes[0].set_title(f"indexing (chunks/s, first {args.baseline_chunks})")
+        for i, (name, r) in enumerate(zip(names, (rag, base))):
+            axes[1].bar([i * 3, i * 3 + 1], [r["c1_p50_ms"], r["c1_p99_ms"]], color=["C0", "C7"][i], label=name)
+            axes[2].bar([i * 3, i * 3 + 1], [r["c1_rps"], r["c8_rps"]], color=["C0", "C7"][i], label=name)
+        axes[1].set_xticks([0, 1, 3, 4], ["p50", "p99", "p50", "p99"])
+        axes[1].set_title("retrieve latency at concurrency 1 (ms)")
+        axes[2].set_xticks([0, 1, 3, 4], ["c=1", "c=8", "c=1", "c=8"])
+        axes[2].set_title("retrieve throughput (req/s)")
+        for ax in axes[1:]:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "rag.png", dpi=100)
+    except ImportError:
+        pass
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chunks", type=int, default=10_000)
+    p.add_argument("--baseline-chunks", type=int, default=2000, help="documents the baseline indexes itself")
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    docs, qs = corpus(args.chunks), queries(corpus(args.chunks), args.queries)
+    workdir = Path(tempfile.mkdtemp(prefix="rag-bench-"))
+    try:
+        rag, base = bench(docs, qs, args.baseline_chunks, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(report(rag, base, args, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
