@@ -28,7 +28,7 @@ ENTRY_POINTS = {
     "kaito-presets": "kaito.presets.cli",
     "kaito-serve": "kaito.runtime.cli",
     "kaito-tune": "kaito.tuning.cli",
-    "kaito-rag": "kaito.ragservice.server",
+    "kaito-rag": "kaito.ragservice.cli",
     "kaito-operator": "kaito.operator.cli",
 }
 
@@ -78,7 +78,13 @@ ENV = {
                          "`/v1/chat/completions` or `/v1/completions` URL",
     "LLM_ACCESS_SECRET": "kaito-rag: bearer token of the inference service",
     "LLM_CONTEXT_WINDOW": "kaito-rag `--context-window`",
-    "DEFAULT_VECTOR_DB_PERSIST_DIR": "kaito-rag `--storage-dir`: where the indexes are kept",
+    "DEFAULT_VECTOR_DB_PERSIST_DIR": "kaito-rag `--storage-dir`: where the indexes are kept (default `/mnt/rag-storage`)",
+    "KAITO_RAG_EMBEDDING_BACKEND": "kaito-rag: `auto` (ONNX Runtime when its vectors match PyTorch's), `onnx` or `torch`",
+    "KAITO_RAG_ONNX_CACHE": "kaito-rag: where the exported ONNX embedding model is cached (default the user cache dir)",
+    "KAITO_RAG_MAX_BODY_BYTES": "kaito-rag: largest request body (default 64 MiB; larger: 413)",
+    "KAITO_RAG_MAX_DOCUMENTS": "kaito-rag: documents per /index call (default 1000)",
+    "KAITO_RAG_MAX_TEXT_CHARS": "kaito-rag: characters per document text (default 2,000,000)",
+    "KAITO_RAG_MAX_DOC_IDS": "kaito-rag: ids per delete call (default 10,000)",
 }
 
 # Read in the source: os.environ.get("X"), os.environ["X"], os.getenv("X"), environ.setdefault/pop("X"),
@@ -100,12 +106,18 @@ def env_variables() -> dict[str, list[str]]:
                 name = m.group(1) or m.group(2)
                 if name not in NOT_SETTINGS:
                     found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
-    # Variables kaito sets for another component (the RAGEngine pod's secrets): named in the source as strings
-    for name in set(ENV) - set(found):
+    # Variables read through a table of names (kaito-rag's settings) or set for another component (the
+    # RAGEngine pod's secrets): named in the source as strings
+    for name in ENV:
         for comp in COMPONENTS:
             for path in sorted((ROOT / comp).rglob("*.py")):
                 if f'"{name}"' in path.read_text():
                     found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    # kaito-rag reads KAITO_RAG_<FIELD> for each request size limit
+    from kaito.ragservice.config import Limits
+
+    for field in Limits.model_fields:
+        found.setdefault(f"KAITO_RAG_{field.upper()}", set()).add("ragservice/config.py")
     # AzureSettings.from_env reads KAITO_AZURE_<FIELD> for its fields that have no AZURE_* variable
     from kaito.operator.azure import AzureSettings
 
@@ -194,13 +206,7 @@ def _build() -> str:
            "environment reads, the pydantic config models); `tests/test_docs.py` fails when it is stale.",
            "Do not edit by hand.", "", "## Command lines", ""]
     for prog, module in ENTRY_POINTS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            out += [f"### `{prog}`", "", "(not in this checkout yet)", ""]
-            continue
+        mod = importlib.import_module(module)
         out += parser_section(prog, mod.parser())
 
     out += ["## Environment variables", "",

@@ -2,7 +2,7 @@
 
 Each page's `bash` and `python` blocks run in order as one bash session (`set -euo pipefail`) in a
 scratch folder holding links to the repository's files, with a scratch KAITO_HOME (the default model
-linked in, materialised once by the session fixture); port 5000 becomes a free port on 127.0.0.1.
+linked in, materialised once by the session fixture); ports 5000-5009 become free ports on 127.0.0.1.
 `# file: NAME` blocks are written before the commands after them; `# needs: ...` blocks are the
 ones this machine cannot run (cluster, Azure, Docker, GPU, model hub) and are only checked for
 the marker. The page's output must hold the strings in EXPECT, so a command that prints the wrong
@@ -42,6 +42,8 @@ EXPECT = {
                   "secret -> The secret word is Banana."],
     "local-runner.md": ["refused (exit status 1)", "Run with --cpu", "workspace-smollm2 condition met", "Ready",
                         "The capital of France is Paris.", "workspace.kaito.sh/workspace-smollm2 deleted"],
+    "rag.md": ["hash_value", "documents indexed", "tangerine-42", "sources: ['The vault of the Zorblax",
+               "handbook", "kaito-docs"],
     "aks.md": ["valid", "kind: StatefulSet", "kind: NodeClaim"],
     "troubleshooting.md": ["refused (exit status 2)", "set by kaito-serve itself"],
 }
@@ -55,7 +57,7 @@ def first_line(body: str) -> str:
     return body.lstrip("\n").split("\n", 1)[0].strip()
 
 
-def script(page: str, port: int) -> str:
+def script(page: str, ports: dict[str, int]) -> str:
     """The page's commands as one bash script; None when it has nothing to run."""
     parts = []
     for lang, body in blocks(page):
@@ -67,7 +69,8 @@ def script(page: str, port: int) -> str:
             parts.append(body if lang == "bash" else f"python - <<'KAITO_DOC_EOF'\n{body}KAITO_DOC_EOF")
     if not any(lang in COMMAND_LANGS and not first_line(b).startswith(NEEDS) for lang, b in blocks(page)):
         return ""
-    return re.sub(r"\b5000\b", str(port), "set -euo pipefail\n" + "\n".join(parts))
+    return re.sub(r"\b500[0-9]\b", lambda m: str(ports.get(m.group(0), m.group(0))),
+                  "set -euo pipefail\n" + "\n".join(parts))
 
 
 def test_every_block_is_run_or_marked():
@@ -89,7 +92,7 @@ def test_every_block_is_run_or_marked():
                 problems.append(f"{where}: fence language {lang!r}: use bash/python (commands) or yaml/json/text")
     assert not problems, "\n".join(problems)
     assert sum(1 for p in PAGES for lang, b in blocks(p) if lang in COMMAND_LANGS and first_line(b).startswith(NEEDS))
-    assert set(EXPECT) == {p for p in PAGES if script(p, 5000)}, "every page with commands has its EXPECT line"
+    assert set(EXPECT) == {p for p in PAGES if script(p, {})}, "every page with commands has its EXPECT line"
 
 
 def test_index_lists_every_page():
@@ -168,9 +171,9 @@ def stop_local_resources(home: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if script(p, 5000)])
+@pytest.mark.parametrize("page", [p for p in PAGES if script(p, {})])
 def test_page_commands(page, kaito_home, tmp_path):
-    port = free_port()
+    ports = {str(p): free_port() for p in range(5000, 5010)}
     cwd = tmp_path / "work"
     cwd.mkdir()
     workdir(cwd)
@@ -180,7 +183,7 @@ def test_page_commands(page, kaito_home, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAITO_", "VIRTUAL_ENV"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", KAITO_HOME=str(home), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", NO_COLOR="1", COLUMNS="200")
-    text = script(page, port)
+    text = script(page, ports)
     (cwd / "page.sh").write_text(text)
     proc = subprocess.Popen(["bash", "page.sh"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
