@@ -45,7 +45,7 @@ EXPECT = {
     "rag.md": ["hash_value", "documents indexed", "tangerine-42", "sources: ['The vault of the Zorblax",
                "handbook", "kaito-docs"],
     "aks.md": ["valid", "kind: StatefulSet", "kind: NodeClaim"],
-    "troubleshooting.md": ["refused (exit status 2)", "set by kaito-serve itself"],
+    "troubleshooting.md": ["refused (exit status 2)", "set by kaito-serve itself", "Did you mean: phi-4?", "valid"],
 }
 
 
