@@ -11,12 +11,11 @@ KAITO_BENCH_API_KEY.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from locust import HttpUser, events, task
-from serving import PROMPTS  # locust puts this file's folder on sys.path
+from serving import PROMPTS, StreamTimer  # locust puts this file's folder on sys.path
 
 MODEL = os.environ.get("KAITO_BENCH_MODEL", "smollm2-135m-instruct")
 MAX_TOKENS = int(os.environ.get("KAITO_BENCH_MAX_TOKENS", "64"))
@@ -39,10 +38,7 @@ class ChatStreamUser(HttpUser):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        start = time.perf_counter()
-        first = last = None
-        gaps: list[float] = []
-        tokens = 0
+        timer = StreamTimer()
         try:
             with self.client.post("/v1/chat/completions", json=body, stream=True, catch_response=True,
                                   headers={"Authorization": f"Bearer {API_KEY}"}, name="http") as resp:
@@ -50,25 +46,14 @@ class ChatStreamUser(HttpUser):
                     resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                     return
                 for line in resp.iter_lines():
-                    if not line or not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
-                        now = time.perf_counter()
-                        if first is None:
-                            first = now
-                        elif last is not None:
-                            gaps.append(now - last)
-                        last = now
+                    timer.feed(line)
                 resp.success()
         except Exception as e:  # noqa: BLE001 - reported to locust as a failure
-            _record("e2e", (time.perf_counter() - start) * 1000, 0, e)
+            _record("e2e", (time.perf_counter() - timer.start) * 1000, 0, e)
             return
         end = time.perf_counter()
-        if first is not None:
-            _record("ttft", (first - start) * 1000)
-        if gaps:
-            _record("itl", sum(gaps) / len(gaps) * 1000)
-        _record("e2e", (end - start) * 1000, tokens)
+        if timer.ttft_ms() is not None:
+            _record("ttft", timer.ttft_ms())
+        if timer.itl_ms() is not None:
+            _record("itl", timer.itl_ms())
+        _record("e2e", (end - timer.start) * 1000, timer.tokens)

@@ -46,6 +46,40 @@ LABELS = {"kaito-vllm": "(a) kaito-serve vLLM", "vllm": "(b) vLLM server", "kait
           "generate": "(d) sequential generate"}
 
 
+class StreamTimer:
+    """Time to first token, inter-token gaps and completion tokens of one streamed chat answer, fed its
+    server-sent-event lines as they arrive (str or bytes; used by the locustfile and the httpx client)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.gaps: list[float] = []
+        self.tokens = 0
+
+    def feed(self, line: str | bytes) -> None:
+        if isinstance(line, bytes):
+            line = line.decode()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            self.tokens = chunk["usage"]["completion_tokens"]
+        if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+            now = time.perf_counter()
+            if self.first is None:
+                self.first = now
+            elif self.last is not None:
+                self.gaps.append(now - self.last)
+            self.last = now
+
+    def ttft_ms(self) -> float | None:
+        return None if self.first is None else (self.first - self.start) * 1000
+
+    def itl_ms(self) -> float | None:
+        return sum(self.gaps) / len(self.gaps) * 1000 if self.gaps else None
+
+
 def free_port() -> int:
     import socket
 
@@ -126,9 +160,7 @@ def run_httpx(port: int, users: int, duration: int, max_tokens: int) -> dict[str
             body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}],
                     "max_tokens": max_tokens, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
-            start = time.perf_counter()
-            first = last = None
-            gaps: list[float] = []
+            timer = StreamTimer()
             try:
                 async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
                     if resp.status_code != 200:
@@ -136,27 +168,17 @@ def run_httpx(port: int, users: int, duration: int, max_tokens: int) -> dict[str
                         await resp.aread()
                         continue
                     async for line in resp.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if chunk.get("usage"):
-                            counts["tokens"] += chunk["usage"]["completion_tokens"]
-                        if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
-                            now = time.perf_counter()
-                            if first is None:
-                                first = now
-                            elif last is not None:
-                                gaps.append(now - last)
-                            last = now
+                        timer.feed(line)
             except httpx.HTTPError:
                 counts["failures"] += 1
                 continue
             counts["requests"] += 1
-            e2e.append((time.perf_counter() - start) * 1000)
-            if first is not None:
-                ttft.append((first - start) * 1000)
-            if gaps:
-                itl.append(sum(gaps) / len(gaps) * 1000)
+            counts["tokens"] += timer.tokens
+            e2e.append((time.perf_counter() - timer.start) * 1000)
+            if timer.ttft_ms() is not None:
+                ttft.append(timer.ttft_ms())
+            if timer.itl_ms() is not None:
+                itl.append(timer.itl_ms())
 
     async def load() -> float:
         limits = httpx.Limits(max_connections=users + 4)
