@@ -67,11 +67,11 @@ def main() -> int:
     sections, failed = [], []
     for name in chosen:
         quick, full, outputs = SUITES[name]
-        cmd = [sys.executable, str(HERE / (full if args.full else quick)[0]), *(full if args.full else quick)[1:],
-               "--out", str(args.out)]
+        script, *options = full if args.full else quick
         if name == "tuning":
-            cmd += ["--method", args.tuning_method]
-        shown = " ".join(["python", f"benchmarks/{cmd[1].rsplit('/', 1)[-1]}", *cmd[2:-2]])
+            options += ["--method", args.tuning_method]
+        shown = " ".join(["python", f"benchmarks/{script}", *options])
+        cmd = [sys.executable, str(HERE / script), *options, "--out", str(args.out)]
         print(f"== {name}: {shown}", flush=True)
         started_at, t0 = time.time(), time.monotonic()
         rc = subprocess.run(cmd).returncode
