@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kaito.presets import Estimate, GPUSku, InferenceConfig, ModelPreset, build_vllm_command, catalogue, get_sku
+from kaito.presets import (Estimate, GPUSku, InferenceConfig, ModelPreset, build_vllm_command, catalogue, get_model,
+                           get_sku)
 from kaito.presets.estimator import disk_gib, estimate
 from pydantic import BaseModel
 
@@ -35,7 +36,6 @@ from .validation import (
     TUNING_CONFIG_KEY,
     Lookup,
     check,
-    find_preset,
     inference_config,
 )
 
@@ -121,7 +121,7 @@ def plan_inference(ws: Workspace, lookup: Lookup | None = None) -> InferencePlan
     check(ws, lookup=lookup)
     inf = ws.inference
     assert inf is not None and inf.preset is not None and ws.resource.instance_type
-    preset = find_preset(inf.preset.name)
+    preset = get_model(inf.preset.name)
     sku = get_sku(ws.resource.instance_type)
     config, _ = inference_config(inf.config, lookup)
     context = config.vllm.get("max-model-len") if config else None
@@ -165,7 +165,7 @@ def plan_tuning(ws: Workspace, lookup: Lookup | None = None) -> TuningPlan:
         text, config_map, default = ((cm or {}).get("data") or {}).get(TUNING_CONFIG_KEY, ""), t.config, False
     else:
         text, config_map, default = default_tuning_config(method), f"{ws.name}-tuning-config", True
-    return TuningPlan(ws, find_preset(t.preset.name), get_sku(ws.resource.instance_type), method, text, config_map,
+    return TuningPlan(ws, get_model(t.preset.name), get_sku(ws.resource.instance_type), method, text, config_map,
                       t.input, t.output, default)
 
 

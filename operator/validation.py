@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from kaito.presets import InferenceConfig, ModelPreset, PresetError, build_vllm_command, get_model, get_sku, models
+from kaito.presets import InferenceConfig, PresetError, build_vllm_command, get_model, get_sku
 from kaito.presets.estimator import estimate
 from pydantic import ValidationError
 
@@ -53,17 +53,6 @@ class ValidationFailed(ValueError):
         self.errors = errors
         lines = "\n  ".join(str(e) for e in errors)
         super().__init__(f"{resource.kind} {resource.namespace}/{resource.name} is invalid:\n  {lines}")
-
-
-def find_preset(name: str) -> ModelPreset:
-    """A catalogue preset by its name or by its Hugging Face id (upstream examples use both)."""
-    try:
-        return get_model(name)
-    except PresetError:
-        for m in models():
-            if m.hf_id.lower() == name.lower() or m.name == name.lower():
-                return m
-        raise
 
 
 def validate(resource: Resource, old: Resource | None = None, lookup: Lookup | None = None,
@@ -161,7 +150,7 @@ def _inference(ws: Workspace, sku, lookup: Lookup | None) -> list[FieldError]:
     if inf.preset is None:
         return errs
     try:
-        preset = find_preset(inf.preset.name)
+        preset = get_model(inf.preset.name)
     except PresetError as e:
         return errs + [FieldError("inference.preset.name", _unsupported(e).replace(
             "Unsupported preset", "Unsupported inference preset name"))]
@@ -295,7 +284,7 @@ def _tuning(ws: Workspace, lookup: Lookup | None) -> list[FieldError]:
         errs.append(FieldError("tuning.preset", "missing field: Preset"))
     else:
         try:
-            preset = find_preset(t.preset.name)
+            preset = get_model(t.preset.name)
             if method in TUNING_METHODS and method not in preset.tuning:
                 supported = ", ".join(preset.tuning) or "none"
                 errs.append(FieldError("tuning.method", f"{preset.name} does not support {method} tuning "

@@ -62,10 +62,12 @@ def skus() -> list[GPUSku]:
 
 
 def get_model(name: str) -> ModelPreset:
-    try:
-        return _models()[name]
-    except KeyError:
-        raise PresetError(f"unknown preset {name!r}.{_suggest(name, list(_models()))}") from None
+    """A preset by its name, or by its Hugging Face id (upstream KAITO's manifests use both)."""
+    found = _models().get(name) or next(
+        (m for m in _models().values() if name.lower() in (m.name, m.hf_id.lower())), None)
+    if found is None:
+        raise PresetError(f"unknown preset {name!r}.{_suggest(name, list(_models()))}")
+    return found
 
 
 def get_sku(name: str) -> GPUSku:

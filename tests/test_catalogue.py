@@ -139,3 +139,13 @@ def test_preset_files_round_trip():
 
     for path in (DATA_DIR / "models").glob("*.yaml"):
         assert ModelPreset(**yaml.safe_load(path.read_text())) == get_model(path.stem)
+
+
+def test_preset_by_hugging_face_id():
+    """Upstream manifests name presets by name or by Hugging Face id; both find the same preset."""
+    from kaito.presets import get_model
+
+    assert get_model("microsoft/Phi-4-mini-instruct") is get_model("phi-4-mini-instruct")
+    assert get_model("PHI-4-MINI-INSTRUCT").name == "phi-4-mini-instruct"
+    with pytest.raises(PresetError, match="unknown preset 'microsoft/no-such-model'"):
+        get_model("microsoft/no-such-model")

@@ -44,13 +44,19 @@ class Job:
 # -- model ------------------------------------------------------------------------------------------
 
 
+def _hub_kwargs(config: TrainingConfig) -> dict:
+    """ModelConfig's loading options, as transformers' from_pretrained takes them."""
+    mc = config.ModelConfig
+    return {"local_files_only": mc.local_files_only, "revision": mc.revision, "cache_dir": mc.cache_dir,
+            "trust_remote_code": mc.trust_remote_code}
+
+
 def load_tokenizer(model_path: str, config: TrainingConfig):
     from transformers import AutoTokenizer
 
     mc = config.ModelConfig
     try:
-        tok = AutoTokenizer.from_pretrained(model_path, local_files_only=mc.local_files_only, revision=mc.revision,
-                                            cache_dir=mc.cache_dir, trust_remote_code=mc.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(model_path, **_hub_kwargs(config))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the tokenizer of {model_path}: {e}") from None
     if mc.chat_template:
@@ -73,8 +79,7 @@ def linear_modules(model_path: str, config: TrainingConfig) -> list[str]:
 
     mc = config.ModelConfig
     try:
-        hf_config = AutoConfig.from_pretrained(model_path, local_files_only=mc.local_files_only, revision=mc.revision,
-                                               cache_dir=mc.cache_dir, trust_remote_code=mc.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(model_path, **_hub_kwargs(config))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the model config of {model_path}: {e}") from None
     with torch.device("meta"):
