@@ -1,2 +1,2 @@
 """kaito.ragservice: `kaito-rag`, the RAG service a RAGEngine deploys (upstream KAITO RAGEngine HTTP API on
-LlamaIndex, FAISS and SQLite FTS5). The app is `kaito.ragservice.server.create_app(Settings(...))`."""
+LlamaIndex, FAISS, tantivy and SQLite). The app is `kaito.ragservice.server.create_app(Settings(...))`."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import uuid
 from dataclasses import dataclass
 
-from llama_index.core import Document as LIDocument
 from llama_index.core.node_parser import CodeSplitter, SentenceSplitter
 
 # language -> (tree-sitter grammar module, function returning its language); the grammars are the
@@ -66,10 +66,10 @@ class Chunker:
     def check(self, metadata: dict | None) -> None:
         self.splitter_for(metadata)
 
-    def split(self, text: str, metadata: dict | None, doc_id: str) -> list[Chunk]:
-        splitter = self.splitter_for(metadata)
-        # metadata stays out of the chunk text: it is returned with each node, not embedded into it
-        doc = LIDocument(text=text, id_=doc_id)
-        nodes = splitter.get_nodes_from_documents([doc])
-        chunks = [Chunk(n.node_id, n.get_content()) for n in nodes if n.get_content().strip()]
-        return chunks or [Chunk(nodes[0].node_id if nodes else f"{doc_id}-0", text)]
+    def split(self, text: str, metadata: dict | None) -> list[Chunk]:
+        """The splitter's texts with node ids as LlamaIndex gives them (uuid4). Metadata stays out of the
+        chunk text: it is returned with each node, not embedded into it, so the splitter's own
+        `split_text` gives the same chunks as `get_nodes_from_documents` without building nodes (a third
+        of the chunking time)."""
+        texts = [t for t in self.splitter_for(metadata).split_text(text) if t.strip()] or [text]
+        return [Chunk(str(uuid.uuid4()), t) for t in texts]

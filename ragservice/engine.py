@@ -162,7 +162,7 @@ class RagEngine:
         spans = []
         texts: list[str] = []
         for d in docs:
-            chunks = self.chunker.split(d.text, d.metadata, d.doc_id)
+            chunks = self.chunker.split(d.text, d.metadata)
             d.node_ids = [c.node_id for c in chunks]
             d.chunk_texts = [c.text for c in chunks]
             spans.append((len(texts), len(texts) + len(chunks)))
@@ -210,9 +210,12 @@ class RagEngine:
     # --- retrieval -------------------------------------------------------------------------------
 
     async def retrieve(self, name: str, query: str, k: int, metadata_filter: dict | None = None) -> list[Hit]:
+        """Hybrid retrieval: the keyword search runs on a worker thread while the query is embedded."""
         store = self.get(name)
-        vector = await self.queries.embed(query)
-        return await asyncio.to_thread(store.search, vector, query, k, metadata_filter, self.stopwords)
+        (scope, keyword), vector = await asyncio.gather(
+            asyncio.to_thread(store.keyword_search, query, k, metadata_filter, self.stopwords),
+            self.queries.embed(query))
+        return await asyncio.to_thread(store.search, vector, k, scope, keyword)
 
 
 def new_doc(text: str, metadata: dict | None, doc_id: str | None) -> PreparedDoc:
