@@ -79,7 +79,8 @@ ENV = {
     "LLM_ACCESS_SECRET": "kaito-rag: bearer token of the inference service",
     "LLM_CONTEXT_WINDOW": "kaito-rag `--context-window`",
     "DEFAULT_VECTOR_DB_PERSIST_DIR": "kaito-rag `--storage-dir`: where the indexes are kept (default `/mnt/rag-storage`)",
-    "KAITO_RAG_EMBEDDING_BACKEND": "kaito-rag: `auto` (ONNX Runtime when its vectors match PyTorch's), `onnx` or `torch`",
+    "KAITO_RAG_EMBEDDING_BACKEND": "kaito-rag `--embedding-backend`: `auto` (ONNX Runtime when its vectors match "
+                                   "PyTorch's), `onnx`, `onnx-int8` (int8 weights, within cosine 0.97) or `torch`",
     "KAITO_RAG_ONNX_CACHE": "kaito-rag: where the exported ONNX embedding model is cached (default the user cache dir)",
     "KAITO_RAG_MAX_BODY_BYTES": "kaito-rag: largest request body (default 64 MiB; larger: 413)",
     "KAITO_RAG_MAX_DOCUMENTS": "kaito-rag: documents per /index call (default 1000)",

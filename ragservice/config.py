@@ -37,7 +37,7 @@ class Settings(BaseModel):
     chunk_size: int = Field(256, ge=32, description="tokens per chunk (MiniLM reads 256 word pieces)")
     chunk_overlap: int = Field(32, ge=0)
     embed_batch_size: int = Field(64, ge=1)
-    embedding_backend: Literal["auto", "torch", "onnx"] = "auto"
+    embedding_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     limits: Limits = Limits()
 
     @model_validator(mode="after")

@@ -10,6 +10,9 @@ Embedding is the CPU bottleneck of the service, so:
   model of Transformer + mean/CLS pooling): exported once from the loaded model into the user cache,
   checked against the PyTorch vectors (cosine >= 0.9999 on probe texts), torch otherwise.
   `KAITO_RAG_EMBEDDING_BACKEND=torch|onnx|auto` (default auto) chooses.
+- `onnx-int8` (opt-in) runs that graph with int8 weights (ONNX Runtime dynamic quantization, per-channel):
+  about 1.5x faster again on a CPU, but the vectors move (cosine about 0.99 to the exact ones, checked
+  >= 0.97 on the probes) and depend slightly on the batch a text is embedded in, so it stays a choice.
 """
 
 from __future__ import annotations
@@ -66,14 +69,14 @@ class LocalEmbedding:
         self.onnx: OnnxTransformer | None = None
         if backend != "torch":
             try:
-                self.onnx = OnnxTransformer(self.model, self.folder)
+                self.onnx = OnnxTransformer(self.model, self.folder, int8=backend == "onnx-int8")
                 self.onnx.verify(self._torch_embed)
             except Exception as e:
-                if backend == "onnx":
-                    raise EmbeddingError(f"ONNX Runtime backend unavailable for {model_id}: {e}") from e
+                if backend != "auto":
+                    raise EmbeddingError(f"ONNX Runtime backend ({backend}) unavailable for {model_id}: {e}") from e
                 log.warning("embedding on PyTorch", extra={"model": model_id, "why": f"{type(e).__name__}: {e}"})
                 self.onnx = None
-        self.backend = "onnx" if self.onnx else "torch"
+        self.backend = backend if self.onnx and backend != "auto" else "onnx" if self.onnx else "torch"
         log.info("embedding model ready", extra={"model": model_id, "backend": self.backend, "dim": self.dim})
 
     def _torch_embed(self, texts: list[str]) -> np.ndarray:
@@ -95,7 +98,7 @@ class OnnxTransformer:
     """The model's transformer on ONNX Runtime, with the model's own tokenizer and pooling, batches sorted
     by token length (so padding stays small)."""
 
-    def __init__(self, st_model, folder: str) -> None:
+    def __init__(self, st_model, folder: str, int8: bool = False) -> None:
         import onnxruntime as ort
 
         modules = [type(m).__name__ for m in st_model]
@@ -106,6 +109,9 @@ class OnnxTransformer:
         self.tokenizer = st_model.tokenizer
         self.max_tokens = int(st_model.max_seq_length or 512)
         path = self._export(st_model[0].auto_model, folder)
+        self.tolerance = 0.9999  # least cosine to the PyTorch vectors on the probe texts
+        if int8:
+            path, self.tolerance = self._quantize(path), 0.97
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = os.cpu_count() or 1
@@ -173,11 +179,37 @@ class OnnxTransformer:
                                              hidden_size=config.hidden_size)
         fused.save_model_to_file(str(path))
 
+    @staticmethod
+    def _quantize(path: Path) -> Path:
+        """The graph with int8 weights (per output channel; activations quantized per call), cached beside it."""
+        target = path.with_name(f"{path.stem}-int8.onnx")
+        if target.exists():
+            return target
+        from onnx import TensorProto
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = target.with_name(f".{uuid.uuid4().hex}.tmp")
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer advises through the root logger
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul", "Attention"],
+                                 extra_options={"DefaultTensorType": TensorProto.FLOAT})
+            os.replace(tmp, target)
+        finally:
+            root.setLevel(level)
+            tmp.unlink(missing_ok=True)
+        return target
+
     def verify(self, reference) -> None:
         probes = ["hello", "The capital of France is Paris.", "def add(a, b):\n    return a + b",
-                  "A much longer sentence about kelp forests, telescopes, and the many colours of autumn leaves. " * 6]
+                  "A much longer sentence about kelp forests, telescopes, and the many colours of autumn leaves. " * 6,
+                  "Longer than the model reads, so truncated the same way. " * 60]
         cos = (self.embed(probes, 8) * reference(probes)).sum(axis=1)
-        if cos.min() < 0.9999:
+        if cos.min() < self.tolerance:
             raise ValueError(f"ONNX vectors differ from PyTorch (cosine {cos.min():.5f})")
 
     def embed(self, texts: list[str], batch_size: int) -> np.ndarray:
