@@ -11,11 +11,14 @@ the two targets are interleaved: indexing alternates batches of 250 documents (k
 then the baseline) over the first --baseline-chunks documents (the baseline is slow), then kaito-rag
 indexes the rest; for the baseline's retrieval the remaining chunks are inserted with kaito-rag's
 vectors (same model), so both search the whole corpus. Retrieval: --queries requests at concurrency 1
-and 8, in alternating rounds (kaito-rag: one asyncio httpx client; baseline: threads). Targets: indexing >= 2x the baseline; p50 <= 20 ms and p99 <= 50 ms at
-concurrency 1; throughput at 8 >= 1.5x that at 1.
+and 8, in alternating rounds (kaito-rag: one asyncio httpx client; baseline: threads). Quality: the share
+of answerable questions (some document has the asked topic, place and verb) with such a document in the
+top 5, for both. Targets: indexing >= 2x the baseline; p50 <= 20 ms and p99 <= 50 ms at concurrency 1;
+throughput at 8 >= 1.5x that at 1. `--embedding-backend onnx-int8` measures kaito-rag's int8 option.
 
     python benchmarks/rag_bench.py                      # 10,000 chunks
     python benchmarks/rag_bench.py --chunks 2000 --baseline-chunks 500 --queries 100   # quick look
+    python benchmarks/rag_bench.py --embedding-backend onnx-int8                       # -> results/rag-onnx-int8.md
 """
 
 from __future__ import annotations
@@ -76,6 +79,17 @@ def queries(docs: list[dict], n: int, seed: int = 1) -> list[str]:
     return out
 
 
+def hit_rate(found: list[list[str]], qs: list[str], docs: list[dict]) -> float:
+    """Share of the answerable questions with an answering document in their top 5."""
+    answers = {}
+    for d in docs:
+        m = d["metadata"]
+        verb = d["text"].split(m["place"] + " was ")[1].split()[0]
+        answers.setdefault(f"When was the {m['topic']} of {m['place']} {verb}?", set()).add(d["doc_id"])
+    scored = [bool(set(ids) & answers[q]) for ids, q in zip(found, qs) if q in answers]
+    return sum(scored) / max(1, len(scored))
+
+
 def free_port() -> int:
     import socket
 
@@ -117,11 +131,12 @@ def summary(lat: list[float], wall: float) -> dict[str, float]:
 # --- kaito-rag ---------------------------------------------------------------------------------------------
 
 class Rag:
-    def __init__(self, storage: Path, log: Path) -> None:
+    def __init__(self, storage: Path, log: Path, backend: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([str(BIN / "kaito-rag"), "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--storage-dir", str(storage)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+                                      "--storage-dir", str(storage), "--embedding-backend", backend],
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -139,11 +154,11 @@ class Rag:
         self.proc.wait(30)
 
 
-def bench(docs, qs, baseline_chunks: int, workdir: Path) -> tuple[dict, dict]:
+def bench(docs, qs, baseline_chunks: int, workdir: Path, backend: str) -> tuple[dict, dict]:
     """Both targets, interleaved so that they see the same background load: indexing alternates batches
     of kaito-rag and of the baseline over the first `baseline_chunks` documents, then kaito-rag indexes the
     rest alone; retrieval alternates rounds at concurrency 1 and 8."""
-    rag = Rag(workdir / "storage", workdir / "kaito-rag.log")
+    rag = Rag(workdir / "storage", workdir / "kaito-rag.log", backend)
     try:
         baseline = Baseline()
         client = httpx.Client(base_url=rag.url, timeout=600)
@@ -173,6 +188,11 @@ def bench(docs, qs, baseline_chunks: int, workdir: Path) -> tuple[dict, dict]:
         for (name, c), (lat, wall) in runs.items():
             for k, v in summary(lat, wall).items():
                 (rag_result if name == "rag" else base_result)[f"c{c}_{k}"] = v
+        found = [[h["doc_id"] for h in client.post("/retrieve", json={"index_name": "bench", "query": q,
+                                                                      "max_node_count": 5}).json()["results"]]
+                 for q in qs]
+        rag_result["hit5"] = hit_rate(found, qs, docs)
+        base_result["hit5"] = hit_rate([baseline.doc_ids(q) for q in qs], qs, docs)
     finally:
         rag.stop()
     return rag_result, base_result
@@ -230,6 +250,9 @@ class Baseline:
             self.store.insert_nodes(rest)
         self.retriever = self.store.as_retriever(similarity_top_k=5)
 
+    def doc_ids(self, q: str) -> list[str]:
+        return [n.node.ref_doc_id or n.node.node_id.removeprefix("n-") for n in self.retriever.retrieve(q)]
+
     def latency(self, qs: list[str], concurrency: int) -> tuple[list[float], float]:
         for q in qs[:5]:
             self.retriever.retrieve(q)  # warm-up
@@ -250,8 +273,9 @@ class Baseline:
 
 def report(rag: dict, base: dict, args, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["index_chunks_s", "c1_p50_ms", "c1_p99_ms", "c1_rps", "c8_p50_ms", "c8_p99_ms", "c8_rps"]
-    with open(out / "rag.csv", "w", newline="") as f:
+    stem = "rag" if args.embedding_backend == "auto" else f"rag-{args.embedding_backend}"
+    keys = ["index_chunks_s", "c1_p50_ms", "c1_p99_ms", "c1_rps", "c8_p50_ms", "c8_p99_ms", "c8_rps", "hit5"]
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["target", *keys, "index_chunks_s_subset"])
         w.writerow(["kaito-rag", *[f"{rag[k]:.2f}" for k in keys], f"{rag['index_chunks_s_subset']:.2f}"])
@@ -259,7 +283,8 @@ def report(rag: dict, base: dict, args, out: Path) -> str:
     index_ratio = rag["index_chunks_s_subset"] / base["index_chunks_s"]
     scaling = rag["c8_rps"] / rag["c1_rps"]
     ok = lambda b: "yes" if b else "**no**"  # noqa: E731
-    md = [f"# RAG benchmark ({args.chunks} chunks, {args.queries} queries per concurrency, {os.cpu_count()} CPUs)", "",
+    md = [f"# RAG benchmark ({args.chunks} chunks, {args.queries} queries per concurrency, {os.cpu_count()} CPUs, "
+          f"kaito-rag embedding backend {args.embedding_backend})", "",
           "| | kaito-rag | baseline (LlamaIndex + FAISS + sentence-transformers) |", "|---|---|---|",
           f"| indexing, first {args.baseline_chunks} chunks (chunks/s) | {rag['index_chunks_s_subset']:.1f} | "
           f"{base['index_chunks_s']:.1f} |",
@@ -268,6 +293,7 @@ def report(rag: dict, base: dict, args, out: Path) -> str:
         md += [f"| retrieve p50 / p99 at concurrency {c} (ms) | {rag[f'c{c}_p50_ms']:.1f} / {rag[f'c{c}_p99_ms']:.1f} | "
                f"{base[f'c{c}_p50_ms']:.1f} / {base[f'c{c}_p99_ms']:.1f} |",
                f"| retrieve throughput at concurrency {c} (req/s) | {rag[f'c{c}_rps']:.1f} | {base[f'c{c}_rps']:.1f} |"]
+    md += [f"| answering document in the top 5 (answerable questions) | {rag['hit5']:.1%} | {base['hit5']:.1%} |"]
     md += ["", "| target | measured | met |", "|---|---|---|",
            f"| indexing >= 2x baseline | {index_ratio:.2f}x | {ok(index_ratio >= 2)} |",
            f"| retrieve p50 <= 20 ms at concurrency 1 | {rag['c1_p50_ms']:.1f} ms | {ok(rag['c1_p50_ms'] <= 20)} |",
@@ -276,7 +302,7 @@ def report(rag: dict, base: dict, args, out: Path) -> str:
            "kaito-rag is measured over HTTP (a real client against the server process, durable writes "
            "included); the baseline in-process, without HTTP or persistence."]
     text = "\n".join(md) + "\n"
-    (out / "rag.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     try:
         import matplotlib
 
@@ -297,7 +323,7 @@ def report(rag: dict, base: dict, args, out: Path) -> str:
         for ax in axes[1:]:
             ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "rag.png", dpi=100)
+        fig.savefig(out / f"{stem}.png", dpi=100)
     except ImportError:
         pass
     return text
@@ -308,6 +334,8 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=10_000)
     p.add_argument("--baseline-chunks", type=int, default=2000, help="documents the baseline indexes itself")
     p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--embedding-backend", default="auto", choices=["auto", "onnx", "onnx-int8", "torch"],
+                   help="kaito-rag's --embedding-backend (auto: ONNX Runtime, exact vectors)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -315,7 +343,7 @@ def main() -> int:
     docs, qs = corpus(args.chunks), queries(corpus(args.chunks), args.queries)
     workdir = Path(tempfile.mkdtemp(prefix="rag-bench-"))
     try:
-        rag, base = bench(docs, qs, args.baseline_chunks, workdir)
+        rag, base = bench(docs, qs, args.baseline_chunks, workdir, args.embedding_backend)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(rag, base, args, args.out))
