@@ -49,9 +49,8 @@ def test_int8_backend_stays_within_tolerance_and_ranks_planted_facts_first(onnx)
 
 
 def test_unknown_backend_is_refused():
-    from pydantic import ValidationError
-
     from kaito.ragservice.config import Settings
+    from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="onnx-int8"):
         Settings(embedding_backend="fast")

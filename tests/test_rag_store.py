@@ -3,17 +3,17 @@ rows, the embedding model is not needed here): the in-memory search structures f
 rebuilt from SQLite when an index opens."""
 
 import sqlite3
+import zlib
 
 import numpy as np
 import pytest
-
 from kaito.ragservice.store import IndexStore, PreparedDoc
 
 DIM = 8
 
 
 def doc(doc_id: str, *chunks: str, metadata: dict | None = None) -> PreparedDoc:
-    rng = np.random.default_rng(abs(hash(chunks)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32("".join(chunks).encode()))
     vectors = rng.standard_normal((len(chunks), DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return PreparedDoc(doc_id, " ".join(chunks), metadata or {}, doc_id + str(len(chunks)),
@@ -22,7 +22,7 @@ def doc(doc_id: str, *chunks: str, metadata: dict | None = None) -> PreparedDoc:
 
 
 def keyword_docs(store: IndexStore, query: str, metadata_filter: dict | None = None) -> list[str]:
-    scope, ranking = store.keyword_search(query, 5, metadata_filter)
+    _, ranking = store.keyword_search(query, 5, metadata_filter)
     owner = {cid: d for d, ids in store.doc_chunks.items() for cid in ids}
     assert all(cid in owner for cid in ranking), "the keyword index returned a chunk that is gone"
     return [owner[cid] for cid in ranking]
