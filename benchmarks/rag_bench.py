@@ -30,7 +30,6 @@ import csv
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 from tqdm import tqdm
+
+import procs  # benchmarks/ is on sys.path: scripts run from their folder
+from procs import free_port
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -90,14 +92,6 @@ def hit_rate(found: list[list[str]], qs: list[str], docs: list[dict]) -> float:
     return sum(scored) / max(1, len(scored))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def http_latency_run(url: str, qs: list[str], concurrency: int) -> dict[str, float]:
     """`latency_run` for the server: one asyncio client with `concurrency` requests in flight (a thread per
     request would measure the client's GIL more than the server)."""
@@ -132,26 +126,13 @@ def summary(lat: list[float], wall: float) -> dict[str, float]:
 
 class Rag:
     def __init__(self, storage: Path, log: Path, backend: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(BIN / "kaito-rag"), "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--storage-dir", str(storage), "--embedding-backend", backend],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kaito-rag exited: see {log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"kaito-rag not ready: see {log}")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = procs.start([str(BIN / "kaito-rag"), "--host", "127.0.0.1", "--port", str(port), "--storage-dir",
+                                 str(storage), "--embedding-backend", backend], port, log, timeout=300)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        procs.stop(self.proc, 30)
 
 
 def bench(docs, qs, baseline_chunks: int, workdir: Path, backend: str) -> tuple[dict, dict]:

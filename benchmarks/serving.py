@@ -31,6 +31,9 @@ from pathlib import Path
 
 import httpx
 
+import procs  # benchmarks/ is on sys.path: scripts run from their folder
+from procs import free_port
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 MODEL = "smollm2-135m-instruct"
@@ -80,14 +83,6 @@ class StreamTimer:
         return sum(self.gaps) / len(self.gaps) * 1000 if self.gaps else None
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(target: str, port: int, empty_dir: Path) -> tuple[list[str], dict[str, str]]:
     base = ["--host", "127.0.0.1", "--port", str(port)]
     serve = [sys.executable, "-m", "kaito.runtime.cli", "--adapters-dir", str(empty_dir), *base]
@@ -113,19 +108,7 @@ def server_command(target: str, port: int, empty_dir: Path) -> tuple[list[str], 
 
 def start(target: str, port: int, empty_dir: Path, log: Path) -> subprocess.Popen:
     argv, env = server_command(target, port, empty_dir)
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{target} exited: see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise TimeoutError(f"{target} not ready after 600 s: see {log}")
+    return procs.start(argv, port, log, env)
 
 
 def warm_up(port: int) -> None:
@@ -323,11 +306,7 @@ def main() -> None:
                       f"{r['requests']} requests, {r['failures']} failures", flush=True)
                 results.append({"target": target, "concurrency": c, **r})
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            procs.stop(proc)
     with open(out / "serving.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(results[0]))
         w.writeheader()

