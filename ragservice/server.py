@@ -77,24 +77,21 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge()
+            if seen > self.max_bytes:  # a body without Content-Length: cut off while it arrives
+                raise HTTPException(413, self.too_large)  # FastAPI answers it (other errors become 400)
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
+        await self.app(scope, limited, send)
+
+    @property
+    def too_large(self) -> str:
+        return f"request body larger than {self.max_bytes} bytes"
 
     async def _reject(self, send) -> None:
-        body = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes"}).encode()
+        body = json.dumps({"detail": self.too_large}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class AuthAndMetrics:
@@ -262,10 +259,9 @@ class RagService:
                 raise HTTPException(400, "every document to update needs its doc_id")
             docs = [new_doc(d.text, d.metadata, d.doc_id) for d in body.documents]
             updated, unchanged, not_found = await asyncio.to_thread(engine().update, index_name, docs)
-            as_doc = lambda d: Document(doc_id=d.doc_id, text=d.text, metadata=d.metadata, hash_value=d.hash)  # noqa
-            return UpdateDocumentResponse(updated_documents=[as_doc(d) for d in updated],
-                                          unchanged_documents=[as_doc(d) for d in unchanged],
-                                          not_found_documents=[as_doc(d) for d in not_found])
+            return UpdateDocumentResponse(updated_documents=[_doc(d) for d in updated],
+                                          unchanged_documents=[_doc(d) for d in unchanged],
+                                          not_found_documents=[_doc(d) for d in not_found])
 
         @app.post("/indexes/{index_name}/documents/delete", response_model=DeleteDocumentResponse, responses=errors,
                   tags=["index"])
@@ -326,7 +322,8 @@ class RagService:
         known = {k: params.pop(k) for k in ("temperature", "max_tokens") if k in params}
         li_llm = OpenAILike(model=params.pop("model", model), api_base=f"{llm.base_url}/v1",
                             api_key=llm.api_key or "none", is_chat_model=True, context_window=window,
-                            timeout=600, max_retries=0, additional_kwargs=params, **known)
+                            timeout=600, max_retries=0, additional_kwargs=params,
+                            async_http_client=llm.client, **known)  # the service's connection pool
         engine = RetrieverQueryEngine.from_args(_Retriever(self.engine, body.index_name, body.top_k), llm=li_llm)
         try:
             result = await engine.aquery(body.query)

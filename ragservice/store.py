@@ -112,13 +112,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=10000")
-    _cache(conn)
     return conn
-
-
-def _cache(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache: the keyword index stays in memory
-    conn.execute("PRAGMA mmap_size=268435456")
 
 
 def fsync_dir(path: Path) -> None:
@@ -254,7 +248,6 @@ class IndexStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(f"file:{self.folder / DB_FILE}?mode=ro", uri=True, check_same_thread=False)
-            _cache(conn)
             self._local.conn = conn
             with self.lock:
                 self._readers.append(conn)

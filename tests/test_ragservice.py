@@ -198,6 +198,15 @@ def test_size_limits(rag):
     assert rag.post("/index", json={"index_name": "big", "documents": [{"text": "y" * 2_100_000}]}).status_code == 413
     assert rag.post("/index", json={"index_name": "big", "documents": [{"text": "  "}]}).status_code == 400
     assert rag.post("/index", json={"index_name": "../evil", "documents": [{"text": "x"}]}).status_code == 422
+
+    def chunked():  # no Content-Length: the limit (2 MB here) applies while the body arrives
+        yield b'{"index_name": "big", "documents": [{"text": "'
+        for _ in range(30):
+            yield b"z" * 100_000
+        yield b'"}]}'
+
+    r = rag.post("/index", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than 2000000 bytes" in r.json()["detail"], r.text
     assert "big" not in rag.get("/indexes").json()
 
 
