@@ -4,6 +4,7 @@ scripts and do not import tests/; tests have tests/helpers.Server.)"""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -20,8 +21,11 @@ def free_port() -> int:
 
 def start(argv: list[str], port: int, log: Path, env: dict[str, str] | None = None,
           timeout: float = 600) -> subprocess.Popen:
-    """Starts `argv` (output to `log`) and returns once http://127.0.0.1:port/health answers 200."""
-    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    """Starts `argv` in its own session (output to `log`) and returns once http://127.0.0.1:port/health
+    answers 200."""
+    with log.open("w") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -32,14 +36,19 @@ def start(argv: list[str], port: int, log: Path, env: dict[str, str] | None = No
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    proc.kill()
+    stop(proc, 10)
     raise TimeoutError(f"{Path(argv[0]).name} not ready after {timeout:.0f} s: see {log}")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to the server, then SIGKILL to its whole session (engine processes it started, if any)."""
     proc.terminate()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

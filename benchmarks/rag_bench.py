@@ -321,7 +321,8 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    docs, qs = corpus(args.chunks), queries(corpus(args.chunks), args.queries)
+    docs = corpus(args.chunks)
+    qs = queries(docs, args.queries)
     workdir = Path(tempfile.mkdtemp(prefix="rag-bench-"))
     try:
         rag, base = bench(docs, qs, args.baseline_chunks, workdir, args.embedding_backend)
