@@ -173,6 +173,11 @@ def nodes_status(kube: Kube, cfg: Config, res: Resource, claims: list[dict], nee
     return Nodes(True, "NodesReady", f"{len(names)} GPU node(s) ready", sorted(names), claims_ready=True)
 
 
+# NVIDIA feature discovery reports the usable GPU memory in MiB, the catalogue the advertised size
+# (an "80 GB" H100 SXM shows 81559 MiB, a 16 GB T4 15360, a 24 GB A10 23028): this much below still matches.
+GPU_MEMORY_TOLERANCE = 0.15
+
+
 def nfd_mismatch(nodes: list[dict], instance_type: str | None) -> str | None:
     """Bring-your-own nodes: the NVIDIA feature-discovery labels (gpu.count, gpu.memory in MiB) must give
     at least the GPUs and GPU memory of the instance type the resource was sized for."""
@@ -189,7 +194,7 @@ def nfd_mismatch(nodes: list[dict], instance_type: str | None) -> str | None:
             mem_gib = int(labels["nvidia.com/gpu.memory"]) * count / 1024 if "nvidia.com/gpu.memory" in labels else None
         except ValueError:
             continue
-        if count < sku.gpu_count or (mem_gib is not None and mem_gib + 0.5 < sku.gpu_memory_gib):
+        if count < sku.gpu_count or (mem_gib is not None and mem_gib < sku.gpu_memory_gib * (1 - GPU_MEMORY_TOLERANCE)):
             have = f"{count} x {labels.get('nvidia.com/gpu.product', 'GPU')}" + (
                 f" ({mem_gib:.0f} GiB)" if mem_gib is not None else "")
             return (f"node {n['metadata']['name']} has {have}, less than {instance_type} "
@@ -210,7 +215,8 @@ def sku_from_labels(labels: dict[str, str]) -> str | None:
         return None
     fits = [s for s in catalogue.skus() if s.gpu_model.upper() in product and s.gpu_count == count]
     if per_gpu is not None:
-        fits = [s for s in fits if abs(s.gpu_memory_per_gpu_gib - per_gpu) <= 0.15 * s.gpu_memory_per_gpu_gib]
+        fits = [s for s in fits
+                if abs(s.gpu_memory_per_gpu_gib - per_gpu) <= GPU_MEMORY_TOLERANCE * s.gpu_memory_per_gpu_gib]
         fits.sort(key=lambda s: abs(s.gpu_memory_per_gpu_gib - per_gpu))
     return fits[0].name if fits else None
 

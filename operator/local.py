@@ -42,6 +42,7 @@ from .render import (
     RAGPlan,
     TuningPlan,
     inference_config_text,
+    model_access_secret,
     plan_inference,
     plan_rag,
     plan_tuning,
@@ -216,9 +217,6 @@ class LocalRunner:
             work.mkdir(parents=True, exist_ok=True)
             port = _free_port()
             command = self._serve_command(plan_i, work, cpu) + ["--host", "127.0.0.1", "--port", str(port)]
-            secret = res.inference.preset.preset_options if res.inference and res.inference.preset else None
-            if secret and secret.model_access_secret:
-                env["HF_TOKEN"] = _secret_value(manifests, secret.model_access_secret, "HF_TOKEN")
             role = "inference"
         else:
             assert isinstance(res, RAGEngine)
@@ -230,6 +228,8 @@ class LocalRunner:
             env.update(self._rag_env(plan_r, manifests, work))
             command = [_exe("kaito-rag"), "--host", "127.0.0.1", "--port", str(port)]
             role = "rag"
+        if isinstance(res, Workspace) and (secret := model_access_secret(res)):  # gated presets
+            env["HF_TOKEN"] = _secret_value(manifests, secret, "HF_TOKEN")
         (folder / "resource.yaml").write_text(yaml.safe_dump(res.dump(), sort_keys=False))
         (folder / "exit_code").unlink(missing_ok=True)
         # sh waits for the entry point and writes its exit code, so a later `get` can tell a crash

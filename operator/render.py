@@ -258,6 +258,12 @@ def _gpu_resources(sku: GPUSku | None) -> dict[str, Any]:
     return {"requests": {"nvidia.com/gpu": gpus}, "limits": {"nvidia.com/gpu": gpus}}
 
 
+def model_access_secret(ws: Workspace) -> str | None:
+    """The Secret (key HF_TOKEN) that gives access to the workspace's gated preset, inference or tuning."""
+    preset = ws.inference.preset if ws.inference else ws.tuning.preset if ws.tuning else None
+    return preset.preset_options.model_access_secret if preset and preset.preset_options else None
+
+
 def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
@@ -323,9 +329,8 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
         config_path=f"{CONFIG_DIR}/{INFERENCE_CONFIG_KEY}" if config_map else None,
         adapters_dir=ADAPTERS_DIR if plan.adapters else None), "--port", str(PORT)]
     env = [{"name": "HF_HOME", "value": WEIGHTS_DIR}]
-    secret = ws.inference.preset.preset_options if ws.inference and ws.inference.preset else None
-    if secret and secret.model_access_secret:
-        env.append(_secret_env("HF_TOKEN", secret.model_access_secret, "HF_TOKEN"))
+    if secret := model_access_secret(ws):
+        env.append(_secret_env("HF_TOKEN", secret, "HF_TOKEN"))
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "weights", "mountPath": WEIGHTS_DIR}]
     volumes: list[dict[str, Any]] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
@@ -499,9 +504,8 @@ def render_tuning(plan: TuningPlan, opts: RenderOptions) -> list[dict[str, Any]]
                      "command": ["sh", "-c", f"cp -r /data/. {DATA_DIR}/"],
                      "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}]})
     env = [{"name": "HF_HOME", "value": WEIGHTS_DIR}]
-    preset_opts = ws.tuning.preset.preset_options if ws.tuning and ws.tuning.preset else None
-    if preset_opts and preset_opts.model_access_secret:
-        env.append(_secret_env("HF_TOKEN", preset_opts.model_access_secret, "HF_TOKEN"))
+    if secret := model_access_secret(ws):
+        env.append(_secret_env("HF_TOKEN", secret, "HF_TOKEN"))
     volumes.append({"name": "weights", "emptyDir": {}})
     tuner = {
         "name": "kaito-tune",

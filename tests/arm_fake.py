@@ -163,4 +163,5 @@ class ArmFake:
         self._thread.join(10)
 
     def pools(self) -> list[dict]:
-        return [r for k, r in self.resources.items() if "/agentpools/" in k]
+        # a copy taken in one step: the server thread adds and removes resources meanwhile
+        return [r for k, r in list(self.resources.items()) if "/agentpools/" in k]

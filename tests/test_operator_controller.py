@@ -423,3 +423,23 @@ def test_200_workspaces_reach_steady_state(bare):
     time.sleep(2)
     assert fake.rv == rv  # steady: resyncs write nothing
     print(f"200 Workspaces Ready in {elapsed:.1f} s")
+
+
+def test_feature_discovery_memory_is_matched_with_tolerance():
+    """NVIDIA feature discovery reports usable MiB, below the advertised size: real nodes of the asked type
+    match, smaller GPUs do not."""
+    from kaito.operator.controller import nfd_mismatch, sku_from_labels
+
+    def node(product, count, mib):
+        labels = {"nvidia.com/gpu.product": product, "nvidia.com/gpu.count": str(count),
+                  "nvidia.com/gpu.memory": str(mib)}
+        return {"metadata": {"name": "n1", "labels": labels}, "status": {"capacity": {"nvidia.com/gpu": str(count)}}}
+
+    for product, count, mib, sku in [("NVIDIA-H100-80GB-HBM3", 8, 81559, "Standard_ND96isr_H100_v5"),
+                                     ("NVIDIA-A10", 1, 23028, "Standard_NV36ads_A10_v5"),
+                                     ("Tesla-T4", 1, 15360, "Standard_NC4as_T4_v3")]:
+        assert nfd_mismatch([node(product, count, mib)], sku) is None, product
+        assert sku_from_labels(node(product, count, mib)["metadata"]["labels"]) is not None, product
+    assert "less than Standard_NV36ads_A10_v5" in nfd_mismatch([node("Tesla-T4", 1, 15360)], "Standard_NV36ads_A10_v5")
+    assert "less than Standard_ND96isr_H100_v5" in nfd_mismatch([node("NVIDIA-H100-80GB-HBM3", 4, 81559)],
+                                                                "Standard_ND96isr_H100_v5")

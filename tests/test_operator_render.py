@@ -175,6 +175,19 @@ def test_tuning_jobs():
     assert {"name": "config", "configMap": {"name": "falcon-lora-params"}} in pod["volumes"]
 
 
+
+def test_gated_tuning_preset_gets_the_token(tmp_path):
+    from kaito.operator.render import model_access_secret
+
+    doc = yaml.safe_load((REPO / "operator" / "examples" / "kaito_workspace_tuning_phi_3.yaml").read_text())
+    doc["tuning"]["preset"]["presetOptions"] = {"modelAccessSecret": "hf-token"}
+    (tmp_path / "ws.yaml").write_text(yaml.safe_dump(doc))
+    m = load(tmp_path / "ws.yaml")
+    assert model_access_secret(m.resources[0]) == "hf-token"  # what the local runner reads too
+    env = by_kind(rendered(tmp_path / "ws.yaml"), "Job")[0]["spec"]["template"]["spec"]["initContainers"][1]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in env
+
+
 def test_ragengine_environment():
     objects = rendered(REPO / "operator" / "examples" / "kaito_ragengine_remote_embedding.yaml")
     dep = by_kind(objects, "Deployment")[0]
