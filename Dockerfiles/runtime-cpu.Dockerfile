@@ -10,7 +10,7 @@ ENV PIP_NO_CACHE_DIR=1 KAITO_VENV=/opt/kaito KAITO_EDITABLE=0 KAITO_HOME=/opt/ka
     PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /src
 COPY . .
-# The same install command the tests run (scripts/test.sh -> scripts/setup.sh cpu,dev).
+# The install script the tests run (scripts/test.sh -> scripts/setup.sh cpu,dev,operator,tune,chart,rag).
 RUN bash scripts/setup.sh cpu
 ARG PRESET=smollm2-135m-instruct
 ARG MODEL_SOURCE=bake

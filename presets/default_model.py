@@ -83,7 +83,9 @@ def download(name: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as e:
         raise PresetError("downloading weights needs huggingface_hub: install kaito[hf]") from e
-    if preset.requires_token and not os.environ.get("HF_TOKEN"):
+    from huggingface_hub import get_token
+
+    if preset.requires_token and not get_token():  # HF_TOKEN or `hf auth login`
         raise PresetError(f"{name} ({preset.hf_id}) is gated: set HF_TOKEN to a token that was granted access")
     try:
         return Path(snapshot_download(preset.hf_id, allow_patterns=HUB_FILES, ignore_patterns=["original/*"]))

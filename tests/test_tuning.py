@@ -1,6 +1,6 @@
 """kaito-tune: config and data errors (no weights loaded), then real runs on the embedded default model:
-a made-up fact learned and served by kaito-serve (transformers backend here, vLLM in
-test_tuning_vllm.py), and a run killed with SIGKILL that resumes from its checkpoint."""
+a made-up fact learned and served by kaito-serve (the transformers backend, and vLLM loading the adapter
+at run time), and a run killed with SIGKILL that resumes from its checkpoint."""
 
 from __future__ import annotations
 

@@ -131,9 +131,7 @@ def load_model(model_path: str, config: TrainingConfig, target_modules):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     mc = config.ModelConfig
-    kwargs: dict[str, Any] = {"dtype": _dtype(config), "local_files_only": mc.local_files_only,
-                              "revision": mc.revision, "cache_dir": mc.cache_dir,
-                              "trust_remote_code": mc.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": _dtype(config), **_hub_kwargs(config)}
     if mc.attn_implementation:
         kwargs["attn_implementation"] = mc.attn_implementation
     if _device() == "cuda":
