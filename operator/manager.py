@@ -3,7 +3,8 @@ Lease for leader election, Prometheus metrics and the validating webhook over HT
 
 Leader election uses the `kubernetes` client's LeaseLock: a replica acquires the Lease before it
 starts kopf, renews it in a thread, and exits (to be restarted as a follower) the moment it cannot
-renew, so two replicas never act at once.
+renew, so two replicas never act at once. Health, metrics and the (stateless) webhook start before
+the Lease is taken, so followers answer them too.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
+    cfg = Config(auto_provision=args.auto_provision, resync=args.resync,
+                 render=RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
+                                      **({"image_tag": args.tag} if args.tag else {})))
+    if args.webhook_port:  # stateless: every replica answers admission, the followers too
+        _webhook(args, cfg)
     if args.leader_elect:
         lead(args.lease_namespace, args.lease_name, identity, args.lease_duration)
-    opts = RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
-                         **({"image_tag": args.tag} if args.tag else {}))
-    cfg = Config(auto_provision=args.auto_provision, resync=args.resync, render=opts)
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
     register(registry, cfg)
@@ -71,8 +74,6 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
         from .azure import register as register_azure
 
         register_azure(registry, credential=azure_credential)
-    if args.webhook_port:
-        _webhook(registry, args, cfg)
     log.info("kaito-operator running", extra={"auto_provision": cfg.auto_provision, "provisioner": args.provisioner,
                                                 "namespaces": args.namespace or "all"})
     kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace, namespaces=args.namespace)
@@ -97,8 +98,11 @@ def _health(port: int) -> None:
     threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
 
 
-def _webhook(registry: kopf.OperatorRegistry, args: argparse.Namespace, cfg: Config) -> None:
-    """Part 1's admission app (webhook.app) on the operator's own event loop, over HTTPS."""
+def _webhook(args: argparse.Namespace, cfg: Config) -> None:
+    """Part 1's admission app (webhook.app) over HTTPS, on its own event loop in a thread, started before
+    the Lease is taken (a Service sends admission requests to every replica). Returns once it listens."""
+    import asyncio
+
     from aiohttp import web
 
     from .webhook import app
@@ -118,8 +122,8 @@ def _webhook(registry: kopf.OperatorRegistry, args: argparse.Namespace, cfg: Con
             return kube[0].get("v1", kind, name, namespace)
         return lookup
 
-    @kopf.on.startup(registry=registry)
-    async def start_webhook(**_: object) -> None:
-        runner = web.AppRunner(app(lookup_in=lookup_in, auto_provision=cfg.auto_provision), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "0.0.0.0", args.webhook_port, ssl_context=context).start()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app(lookup_in=lookup_in, auto_provision=cfg.auto_provision), access_log=None)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "0.0.0.0", args.webhook_port, ssl_context=context).start())
+    threading.Thread(target=loop.run_forever, name="webhook", daemon=True).start()

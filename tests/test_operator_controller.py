@@ -384,13 +384,20 @@ def test_killed_mid_reconcile_and_restarted(bare):
     assert len(cluster.list(NC, "NodeClaim")) == len(names) - 1
 
 
-def test_leader_election(bare):
+def test_leader_election(bare, tls):
     cluster, start, _ = bare
     a = start("--leader-elect", "--lease-namespace", "default", "--lease-duration", "3")
     wait_for(lambda: cluster.get("coordination.k8s.io/v1", "Lease", "kaito-operator"), 30, "Lease")
-    health = free_port()
-    b = start("--leader-elect", "--lease-namespace", "default", "--lease-duration", "3", "--health-port", str(health))
+    health, hook = free_port(), free_port()
+    b = start("--leader-elect", "--lease-namespace", "default", "--lease-duration", "3", "--health-port", str(health),
+              "--webhook-port", str(hook), "--tls-cert", str(tls[0]), "--tls-key", str(tls[1]))
     assert wait_for(lambda: _get(f"http://127.0.0.1:{health}/healthz"), 20, "follower's /healthz") == "ok\n"
+    # the follower answers admission too: the webhook Service sends requests to every replica
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": "u2", "operation": "CREATE", "object": inference("follower-hook")}}
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(tls[0]))) as c:
+        answer = c.post(f"https://127.0.0.1:{hook}/validate", json=review, timeout=10).json()
+    assert answer["response"]["allowed"] is True and answer["response"]["uid"] == "u2"
     cluster.create(inference("led-1"))
     wait_for(lambda: cluster.list(NC, "NodeClaim", "kaito.sh/workspace=led-1"), 30, "led-1 reconciled")
     holder = cluster.get("coordination.k8s.io/v1", "Lease", "kaito-operator")["spec"]["holderIdentity"]
