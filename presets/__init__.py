@@ -9,31 +9,53 @@ from .catalogue import (
     chat_template_path,
     get_model,
     get_sku,
+    hub_cache,
     models,
     preset_from_config,
     resolve_model,
     skus,
 )
-from .default_model import kaito_home, model_folder
+from .default_model import download, kaito_home, model_folder
 from .estimator import Estimate, estimate, smallest_sku
+from .hub import (
+    GatedModelError,
+    HubError,
+    HubUnreachableError,
+    MissingConfigError,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+    check_runtime,
+    describe,
+)
 from .schema import GPUSku, ModelPreset, VLLMDefaults
-from .vllm_args import InferenceConfig, TransformersConfig, VLLMCommand, build_vllm_command
+from .inference_config import InferenceConfig, TransformersConfig
+from .vllm_args import VLLMCommand, build_vllm_command
 
 __all__ = [
     "DEFAULT_MODEL",
     "Estimate",
     "GPUSku",
+    "GatedModelError",
+    "HubError",
+    "HubUnreachableError",
     "InferenceConfig",
+    "MissingConfigError",
+    "ModelNotFoundError",
     "ModelPreset",
     "PresetError",
     "TransformersConfig",
+    "UnsupportedArchitectureError",
     "VLLMCommand",
     "VLLMDefaults",
     "build_vllm_command",
     "chat_template_path",
+    "check_runtime",
+    "describe",
+    "download",
     "estimate",
     "get_model",
     "get_sku",
+    "hub_cache",
     "kaito_home",
     "model_folder",
     "models",

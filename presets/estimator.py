@@ -8,6 +8,11 @@ The arithmetic is upstream KAITO's, so users get the same node counts:
     GPUs             = int(1.02 x weight size / weights per GPU) + 1
     nodes            = ceil(GPUs / GPUs per node)
 
+KV bytes per token (ModelPreset.kv_bytes_per_token) count the layers with attention only (hybrids with
+Mamba or linear-attention layers have fewer); MLA caches one latent a layer, kv_lora_rank +
+qk_rope_head_dim values, instead of K and V for each KV head. Quantised models need no special case:
+the weight size is the size of the files, which already reflects the quantisation.
+
 Parallelism: data-parallel replicas when the model takes under half of one GPU and the node has
 several; otherwise tensor-parallel across a node's GPUs and pipeline-parallel (Ray) across nodes.
 """
@@ -15,6 +20,9 @@ several; otherwise tensor-parallel across a node's GPUs and pipeline-parallel (R
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from pydantic import BaseModel, Field
 
@@ -67,19 +75,32 @@ def disk_gib(weight_size_gib: float) -> int:
 
 
 def _tensor_parallel(model: ModelPreset, gpus_per_node: int) -> int:
-    """The largest TP size up to the node's GPUs that vLLM can shard this model's heads over."""
+    """The largest TP size up to the node's GPUs that vLLM can shard this model's attention over.
+
+    The query heads are split over the ranks, so TP must divide num_attention_heads. With GQA/MQA the
+    KV heads are split too: TP must divide them, or be a multiple of them (each rank then holds a copy
+    of one KV head). With MLA there are no KV heads to split: every head reads the same per-token
+    latent, so each rank keeps the whole latent of the layers it runs and only the query heads
+    constrain TP. The price is memory, not divisibility: the KV cache is held TP times (_kv_copies).
+    """
     for tp in range(gpus_per_node, 0, -1):
         kv = model.num_key_value_heads
-        if model.num_attention_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0):
+        if model.num_attention_heads % tp == 0 and (model.attention == "mla" or kv % tp == 0 or tp % kv == 0):
             return tp
     return 1
 
 
-def _max_model_len(model: ModelPreset, sku: GPUSku, gpus: int) -> int:
-    """KV tokens that fit on `gpus` GPUs holding one copy of the weights (per replica)."""
+def _kv_copies(model: ModelPreset, tp: int) -> int:
+    """How many times `tp` ranks hold each token's KV cache between them: MLA's latent on every rank; KV
+    heads once, unless there are fewer heads than ranks and each is copied to tp / kv heads ranks."""
+    return tp if model.attention == "mla" else max(1, tp // model.num_key_value_heads)
+
+
+def _max_model_len(model: ModelPreset, sku: GPUSku, tp: int, pp: int) -> int:
+    """KV tokens that fit on tp x pp GPUs holding one copy of the weights (one replica)."""
     usable = sku.gpu_memory_per_gpu_gib * USABLE_FRACTION
-    kv_gib = gpus * (usable - CUDA_OVERHEAD_GIB) - model.weight_size_gib * WEIGHT_OVERHEAD
-    tokens = int(kv_gib * GIB / model.kv_bytes_per_token) if kv_gib > 0 else 0
+    kv_gib = tp * pp * (usable - CUDA_OVERHEAD_GIB) - model.weight_size_gib * WEIGHT_OVERHEAD
+    tokens = int(kv_gib * GIB / (model.kv_bytes_per_token * _kv_copies(model, tp))) if kv_gib > 0 else 0
     return min(model.context_limit, tokens)
 
 
@@ -91,10 +112,40 @@ class DoesNotFit(PresetError):
         self.nodes = nodes
 
 
+_memo: ContextVar[dict | None] = ContextVar("kaito_estimate_memo", default=None)
+
+
+@contextmanager
+def memo() -> Iterator[None]:
+    """Within the block, estimate() works each question out once and repeats its answer (or error): the
+    operator's reconcile of a Workspace asks the same one in validation, in the plan and for the vLLM flags."""
+    token = _memo.set({})
+    try:
+        yield
+    finally:
+        _memo.reset(token)
+
+
 def estimate(model: ModelPreset, sku: GPUSku, *, context: int | None = None, node_count: int | None = None) -> Estimate:
     """Size `model` on `sku`. With `node_count` (the user's resource count), fail when that many
     nodes cannot hold the model. A model that does not fit gets an error naming the smallest
     instance type that holds it."""
+    answers = _memo.get()
+    if answers is None:
+        return _estimate(model, sku, context, node_count)
+    key = (model.name, model.hf_id, sku.name, context, node_count)
+    if key not in answers:
+        try:
+            answers[key] = found = _estimate(model, sku, context, node_count)
+            answers.setdefault(key[:-1] + (found.node_count,), found)  # its own node count, asked back
+        except PresetError as e:
+            answers[key] = e
+    if isinstance(answers[key], PresetError):
+        raise answers[key]
+    return answers[key]
+
+
+def _estimate(model: ModelPreset, sku: GPUSku, context: int | None, node_count: int | None) -> Estimate:
     ctx = context or DEFAULT_CONTEXT
     if ctx > model.context_limit:
         raise PresetError(f"context {ctx} exceeds {model.name}'s limit of {model.context_limit} tokens")
@@ -135,7 +186,7 @@ def _size(model: ModelPreset, sku: GPUSku, ctx: int, node_count: int | None) -> 
             f"{sku.name} ({gpus} x {sku.gpu_model} {per_gpu:g} GiB), but the count is {node_count}.",
             node_count,
         )
-    max_len = _max_model_len(model, sku, tp * pp)
+    max_len = _max_model_len(model, sku, tp, pp)
     if max_len < ctx:
         raise DoesNotFit(
             f"{model.name} on {nodes} x {sku.name} leaves KV space for {max_len} tokens, less than the context {ctx}.",

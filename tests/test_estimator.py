@@ -5,8 +5,8 @@ Each hand check follows the formula in presets/estimator.py; the comments show t
 
 import pytest
 
-from kaito.presets import PresetError, estimate, get_model, get_sku, smallest_sku
-from kaito.presets.estimator import disk_gib, readiness_timeout_s
+from kaito.presets import PresetError, estimate, get_model, get_sku, models, skus, smallest_sku
+from kaito.presets.estimator import DoesNotFit, disk_gib, readiness_timeout_s
 from helpers import run_cli
 
 
@@ -20,9 +20,58 @@ def est(model, sku, **kw):
     ("llama-3.3-70b-instruct", "Standard_NC96ads_A100_v4", 1),
     ("phi-4", "Standard_NV36ads_A10_v5", 2),
     ("qwen2.5-coder-32b-instruct", "Standard_NC24ads_A100_v4", 2),
+    # upstream's gpt-oss examples: 120b on one H100 NVL, 20b on one A100
+    ("gpt-oss-120b", "Standard_NC40ads_H100_v5", 1),
+    ("gpt-oss-20b", "Standard_NC24ads_A100_v4", 1),
+    # 641.3 GiB of FP8 weights: 11 x H100 80 GiB (two nodes of 8), or 6 x H200 141 GiB (one node)
+    ("deepseek-v3-0324", "Standard_ND96isr_H100_v5", 2),
+    ("deepseek-r1-0528", "Standard_ND96isr_H200_v5", 1),
+    ("mistral-large-3-675b-instruct-2512", "Standard_ND96isr_H200_v5", 1),
+    ("kimi-k2.5", "p5e.48xlarge", 1),
 ])
 def test_upstream_node_counts(model, sku, nodes):
     assert est(model, sku).node_count == nodes
+
+
+def test_gpt_oss_sizes_count_the_served_weights():
+    """Upstream's modelFileSize for gpt-oss counts the repository's second copy under original/ too
+    (121.54 GiB for 120b); with that size the same formula gives upstream's 3 A100 nodes, with the
+    60.77 GiB vLLM loads it gives 2."""
+    model, sku = get_model("gpt-oss-120b"), get_sku("Standard_NC24ads_A100_v4")
+    assert estimate(model, sku).node_count == 2
+    assert estimate(model.model_copy(update={"weight_size_gib": 121.54}), sku).node_count == 3
+
+
+def test_mla_sizing_deepseek_v3():
+    """MLA KV is small (70272 B a token) but every tensor-parallel rank holds all of it."""
+    model = get_model("deepseek-v3-0324")
+    e = est("deepseek-v3-0324", "Standard_ND96isr_H100_v5")
+    # fixed 2.3 + 2048 x 70272 B / 8 GPUs = 2.317; (67.2 - 2.317) / 1.05 = 61.79; int(1.02 x 641.3 / 61.79) + 1 = 11
+    assert (e.kv_bytes_per_token, e.fixed_per_gpu_gib, e.gpus_required) == (70272, 2.317, 11)
+    # 128 heads split over the node's 8 GPUs (no KV heads to divide), 2 pipeline stages
+    assert (e.tensor_parallel, e.pipeline_parallel, e.node_count) == (8, 2, 2)
+    # KV space on 16 GPUs: 16 x (67.2 - 2.3) - 641.3 x 1.05 = 365.035 GiB, for latents held 8 times (TP 8):
+    # 365.035 GiB / (70272 B x 8) = 697207 tokens; the model's limit is 163840
+    assert e.max_model_len == 163840
+    unbounded = estimate(model.model_copy(update={"context_limit": 10**7}), get_sku("Standard_ND96isr_H100_v5"))
+    assert unbounded.max_model_len == 697207
+
+
+def test_every_preset_on_every_sku():
+    """A node count, or an error that names the model and says why."""
+    for model in models():
+        fits = 0
+        for sku in skus():
+            try:
+                e = estimate(model, sku)
+            except DoesNotFit as err:
+                assert model.name in str(err) and "instance type" in str(err)
+                continue
+            fits += 1
+            assert e.node_count >= 1 and e.tensor_parallel * e.data_parallel <= sku.gpu_count
+            assert e.tensor_parallel * e.pipeline_parallel >= e.gpus_required or e.data_parallel > 1
+            assert 2048 <= e.max_model_len <= model.context_limit
+        assert fits, f"{model.name} fits no instance type"
 
 
 def test_upstream_parallelism_for_llama_70b():
@@ -120,3 +169,7 @@ def test_cli_estimate_json_and_table():
     nofit = run_cli("kaito-presets", "estimate", "llama-3.3-70b-instruct", "--instance-type",
                     "Standard_NC24ads_A100_v4", "--count", "1")
     assert nofit.returncode == 2 and "not enough GPU memory" in nofit.stderr and "Traceback" not in nofit.stderr
+    deepseek = run_cli("kaito-presets", "estimate", "deepseek-v3-0324", "--instance-type", "Standard_ND96isr_H100_v5")
+    assert deepseek.returncode == 0 and "tensor 8, pipeline 2, data 1" in deepseek.stdout, deepseek.stderr
+    listed = run_cli("kaito-presets", "list", "--json")
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == len(models())
