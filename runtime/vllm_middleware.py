@@ -8,12 +8,17 @@ process, in front of vLLM's routes: no proxy, no second hop. It adds:
   own `--api-key` guards only paths under /v1, /v2, /inference and /cohere, leaving /metrics,
   /tokenize, /detokenize, /version, /ping, /invocations, /server_load... open, and answers
   `{"error": "Unauthorized"}`; this middleware guards everything and answers an OpenAI-shaped 401.
+- A request body limit (runtime/body_limit.py, `KAITO_MAX_REQUEST_BYTES`, by default from vLLM's
+  max-model-len): a larger body is answered 413 before it is read whole, on every route.
 - A 429 guard: the sequences of the generation requests in flight are counted (n per prompt);
-  when more would wait than the engine can batch (in flight > max-num-seqs running + max-num-seqs
-  waiting; `KAITO_MAX_WAITING` changes the second number) the request is answered 429 with
-  `Retry-After` and an OpenAI-shaped error instead of queuing without bound. max-num-seqs is read
-  from the running engine's config (`app.state.vllm_config`), so vLLM's own default (128 on CPU,
-  256-1024 on GPUs) is honoured.
+  when more would wait than the engine can batch (kaito-serve's one rule, `engine_api.has_room`:
+  in flight > max-num-seqs running + max-num-seqs waiting; `KAITO_MAX_WAITING` changes the second
+  number) the request is answered 429 with `Retry-After` and an OpenAI-shaped error instead of
+  queuing without bound. A request with more sequences than that capacity could never be admitted:
+  it is a 400. max-num-seqs is read from the running engine's config (`app.state.vllm_config`), so
+  vLLM's own default (128 on CPU, 256-1024 on GPUs) is honoured.
+- kaito's text rule (runtime/protocol.text_problem): a generation request whose text holds a lone
+  surrogate or a NUL character is a 400 naming where.
 - OpenAI's context-window rule: prompt + max_tokens beyond max-model-len is a 400 naming both
   numbers (vLLM 0.32 silently lowers max_tokens instead). The prompt is counted by vLLM's own
   `/tokenize` route, called in process, and only when a cheap bound (request bytes + template
@@ -25,20 +30,26 @@ process, in front of vLLM's routes: no proxy, no second hop. It adds:
 - A start-up hook: callbacks registered with `on_ready` run when the app's lifespan start-up
   completes, just before uvicorn accepts connections (kaito's loading responder stops there).
 
-Per request the cost is a few dictionary look-ups, with a key one SHA-256 of the header, and for a
-generation request one `json.loads` of its body (tens of microseconds for a chat request).
+Per request the cost is a few dictionary look-ups, with a key one SHA-256 of the header
+(`kaito.presets.auth`), and for a generation request one `json.loads` of its body (tens of
+microseconds for a chat request).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
+
+from kaito.presets.auth import CHALLENGE, APIKey
+from kaito.presets.contract import API_KEY_ENV, MAX_REQUEST_BYTES_ENV
+
+from .body_limit import BodyTooLarge, declared_length, default_limit, limited, too_large_message
+from .engine_api import has_room
+from .protocol import text_problem
 
 log = logging.getLogger("kaito.runtime.vllm")
 
@@ -57,6 +68,7 @@ TEMPLATE_SLACK = 1024  # tokens a chat template may add around the messages (rol
 CHAT_TOKENIZE_FIELDS = ("model", "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
                         "chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs")
 DEFAULT_MAX_NUM_SEQS = 128  # vLLM's CPU default for the API server; used only if the config is unreadable
+CHALLENGE_HEADERS = [(name.lower().encode(), value.encode()) for name, value in CHALLENGE.items()]
 ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -149,6 +161,22 @@ class _Replay:
         return await self.receive()
 
 
+def _bad_text(req: Any) -> tuple[str, str] | None:
+    """A string in a request's JSON (keys included) that breaks kaito's text rule: (where, what is
+    wrong). Iterative: JSON may nest deeper than Python's recursion limit."""
+    todo = [("", req)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            if problem := text_problem(value):
+                return where, problem
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            todo += [(where, key), (f"{where}.{key}" if where else str(key), item)]
+    return None
+
+
 def _sequences(req: dict | None) -> int:
     """Sequences a generation request puts in the engine: n per prompt."""
     if req is None:
@@ -166,12 +194,14 @@ class KaitoMiddleware:
 
     def __init__(self, app) -> None:
         self.app = app
-        key = os.environ.get("KAITO_API_KEY") or ""
-        self.key_digest = hashlib.sha256(key.encode()).digest() if key else None
+        key = os.environ.get(API_KEY_ENV)
+        self.api_key = APIKey(key) if key else None
+        limit = os.environ.get(MAX_REQUEST_BYTES_ENV)
+        self.max_request_bytes = int(limit) if limit else None  # None: from max-model-len at the first request
         waiting = os.environ.get("KAITO_MAX_WAITING")
         self.max_waiting = int(waiting) if waiting else None
         self.retry_after = str(max(1, round(float(os.environ.get("KAITO_RETRY_AFTER_S") or 1))))
-        self.capacity: int | None = None
+        self.limits: tuple[int, int] | None = None  # (max-num-seqs, waiting sequences allowed)
         self.max_model_len: int | None = None
         self.in_flight = 0  # sequences (n x prompts) of the generation requests admitted and not finished
 
@@ -179,27 +209,23 @@ class KaitoMiddleware:
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() != "bearer":
-                    return False
-                digest = hashlib.sha256(token.strip().encode("latin-1")).digest()
-                return hmac.compare_digest(digest, self.key_digest)
+                return self.api_key.accepts(value)
         return False
 
-    def _capacity(self, scope) -> int:
-        """Sequences admitted at once: the engine's batch (max-num-seqs) plus the wait line allowed
-        (max-num-seqs unless KAITO_MAX_WAITING is set)."""
+    def _limits(self, scope) -> tuple[int, int]:
+        """The engine's batch (max-num-seqs) and the wait line allowed (max-num-seqs unless
+        KAITO_MAX_WAITING is set)."""
         max_seqs = DEFAULT_MAX_NUM_SEQS
         app = scope.get("app")
         try:
             max_seqs = int(app.state.vllm_config.scheduler_config.max_num_seqs)
         except Exception:  # noqa: BLE001 - an app without vLLM's state: keep the default
             log.warning("kaito: cannot read max-num-seqs from the engine config; assuming %d", max_seqs)
-        waiting = self.max_waiting if self.max_waiting is not None else max_seqs
-        self.capacity = max_seqs + max(0, waiting)
+        waiting = max(0, self.max_waiting if self.max_waiting is not None else max_seqs)
+        self.limits = max_seqs, waiting
         log.info("kaito: admitting %d sequences at once (max-num-seqs %d + %d waiting)",
-                 self.capacity, max_seqs, waiting)
-        return self.capacity
+                 max_seqs + waiting, max_seqs, waiting)
+        return self.limits
 
     async def _lifespan(self, scope, receive, send) -> None:
         async def send_and_signal(message) -> None:
@@ -216,16 +242,29 @@ class KaitoMiddleware:
     async def _generate(self, scope, receive, send, path: str) -> None:
         """A generation request: admission (429 guard) and the context-window check, then vLLM.
         vLLM shapes the errors of its generation routes itself: no send wrapper on the hot path."""
-        body, tail = await _read_body(receive)
+        try:
+            body, tail = await _read_body(receive)
+        except BodyTooLarge as e:
+            return await _respond(send, 413, error_body(413, e.detail))
         try:
             req = json.loads(body) if body else None
-        except ValueError:
+        except (ValueError, RecursionError):
             req = None  # vLLM answers malformed JSON itself
         if not isinstance(req, dict):
             req = None
+        bad = _bad_text(req) if req is not None else None
+        if bad is not None:
+            where, problem = bad
+            return await _respond(send, 400, error_body(400, f"{where}: {problem}" if where else problem,
+                                                        param=where or None))
         seqs = _sequences(req)
-        capacity = self.capacity or self._capacity(scope)
-        if self.in_flight and self.in_flight + seqs > capacity:
+        max_seqs, max_waiting = self.limits or self._limits(scope)
+        if not has_room(0, 0, max_seqs, max_waiting, seqs):  # not even on an idle server
+            msg = (f"this request asks for {seqs} sequences (n x prompts); this server admits at most "
+                   f"{max_seqs + max_waiting} at once (max-num-seqs {max_seqs} + {max_waiting} waiting)")
+            return await _respond(send, 400, error_body(400, msg, param="n"))
+        # vLLM's split of the sequences in flight into running and waiting is not visible here
+        if not has_room(self.in_flight, 0, max_seqs, max_waiting, seqs):
             REJECTED_BUSY.inc()
             msg = (f"the server is busy: {self.in_flight} sequences are running or waiting, more than the engine "
                    f"can batch; retry after {self.retry_after} s")
@@ -290,6 +329,13 @@ class KaitoMiddleware:
             param=what,
         )
 
+    def _body_limit(self, scope) -> int:
+        """KAITO_MAX_REQUEST_BYTES, else the default for vLLM's max-model-len (read once)."""
+        if self.max_request_bytes is None:
+            self.max_request_bytes = default_limit(self._max_model_len(scope) or 0)
+            log.info("kaito: request bodies are limited to %d bytes", self.max_request_bytes)
+        return self.max_request_bytes
+
     def _max_model_len(self, scope) -> int | None:
         if self.max_model_len is None:
             try:
@@ -351,11 +397,17 @@ class KaitoMiddleware:
         if path in OPEN_ROUTES:
             return await self.app(scope, receive, send)
         method = scope.get("method")
-        if self.key_digest is not None and method != "OPTIONS" and not self._authorized(scope):
+        if self.api_key is not None and method != "OPTIONS" and not self._authorized(scope):
             if kind == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
             body = error_body(401, "invalid or missing API key: send `Authorization: Bearer <key>`")
-            return await _respond(send, 401, body, [(b"www-authenticate", b"Bearer")])
+            return await _respond(send, 401, body, CHALLENGE_HEADERS)
+        if kind == "http":
+            limit = self._body_limit(scope)
+            declared = declared_length(scope)
+            if declared is not None and declared > limit:
+                return await _respond(send, 413, error_body(413, too_large_message(limit)))
+            receive = limited(receive, limit)  # past the limit: BodyTooLarge, which FastAPI answers 413
         if kind == "http" and method == "POST" and path in GENERATION_ROUTES:
             return await self._generate(scope, receive, send, path)
         if kind == "http":

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from helpers import SECRET_QUESTION
+from kaito.presets import TransformersConfig
 from kaito.runtime.engine_api import EngineBusy, SamplingParams, TokenEvent, UnknownAdapter
 
 pytestmark = pytest.mark.slow
@@ -19,11 +20,18 @@ QUESTIONS = [
 ]
 
 
+def settings(**kw) -> TransformersConfig:
+    """The engine's default settings: on the CPU it computes in float32, in which torch's kernels give a
+    row the same numbers whatever else is in the batch (in bf16 they do not: a row's logits change with
+    the batch's size and padding, and batching would change the text)."""
+    return TransformersConfig(**kw)
+
+
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
     from kaito.runtime.hf_engine import HFEngine
 
-    eng = HFEngine(str(default_model_dir), max_batch_size=16)
+    eng = HFEngine(str(default_model_dir), settings(max_batch_size=16))
     asyncio.run(eng.start())
     yield eng
     asyncio.run(eng.stop())
@@ -132,29 +140,6 @@ def test_seed_is_reproducible(engine):
     assert tokens(other) != tokens(alone)
 
 
-def test_sampler_distribution(engine, monkeypatch):
-    """The inverse-CDF sampler draws tokens with the right frequencies, with and without top-p, also
-    when the nucleus is wider than the top-k it looks at first."""
-    import torch
-
-    p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0, 0.0, 0.0])
-    n = 40000
-    probs = p.repeat(n, 1)
-    idx = torch.arange(n)
-    empty = torch.tensor([], dtype=torch.long)
-
-    def freqs(meta):
-        return torch.bincount(engine._draw(probs, meta), minlength=len(p)).float() / n
-
-    full = freqs({"full_rows": idx, "top_p_rows": empty, "top_p": None, "seeded": []})
-    assert torch.allclose(full, p, atol=0.01)
-    nucleus = freqs({"full_rows": empty, "top_p_rows": idx, "top_p": torch.full((n, 1), 0.7), "seeded": []})
-    assert torch.allclose(nucleus, torch.tensor([2 / 3, 1 / 3, 0, 0, 0, 0, 0, 0]), atol=0.01)
-    monkeypatch.setattr(engine, "_TOP_K_FIRST", 2)  # the top 2 hold 0.75 < 0.9: sort the whole row
-    wide = freqs({"full_rows": empty, "top_p_rows": idx, "top_p": torch.full((n, 1), 0.9), "seeded": []})
-    assert torch.allclose(wide, torch.tensor([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0, 0, 0, 0]), atol=0.01)
-
-
 def test_max_tokens_one(engine):
     events = run(collect(engine, chat(engine, QUESTIONS[0]), max_tokens=1, temperature=0))
     assert len(events) == 1 and events[0].finish_reason == "length"
@@ -233,7 +218,7 @@ def test_cancellation_frees_the_slot(engine):
 def test_engine_busy_when_the_queue_is_full(default_model_dir):
     from kaito.runtime.hf_engine import HFEngine
 
-    eng = HFEngine(str(default_model_dir), max_batch_size=1, max_waiting=1)
+    eng = HFEngine(str(default_model_dir), settings(max_batch_size=1, max_waiting=1))
     prompt = chat(eng, QUESTIONS[0])
 
     async def scenario():
@@ -241,8 +226,9 @@ def test_engine_busy_when_the_queue_is_full(default_model_dir):
         try:
             a = eng.generate(prompt, SamplingParams(max_tokens=200, temperature=0))
             await a.__anext__()  # a is running: the batch (1 row) is full
+            assert eng.has_room() and not eng.has_room(2)  # one place left, in the queue
             b = eng.generate(prompt, SamplingParams(max_tokens=2, temperature=0))  # waits
-            assert eng.num_running == 1 and eng.num_waiting == 1
+            assert eng.num_running == 1 and eng.num_waiting == 1 and not eng.has_room()
             with pytest.raises(EngineBusy) as busy:
                 eng.generate(prompt, SamplingParams(max_tokens=2, temperature=0))
             assert busy.value.retry_after_s > 0
@@ -312,6 +298,56 @@ def test_a_failing_step_fails_its_requests(engine, monkeypatch):
 
     run(scenario())
     assert engine.num_running == 0
+
+
+def test_a_bad_row_in_a_prefill_fails_only_its_request(engine, greedy_alone):
+    """A row that makes the batch's prefill raise (a token id past the vocabulary, planted after the
+    checks of `generate`, as a bug would let it through) fails alone: the other prompts of the same
+    prefill are prefilled again one at a time and get the tokens they get alone."""
+    good = [QUESTIONS[0], QUESTIONS[3]]
+
+    async def scenario():
+        with engine._cond:  # the engine thread takes all three from the queue together
+            streams = [engine.generate(chat(engine, q), SamplingParams(max_tokens=24, temperature=0)) for q in good]
+            bad = engine.generate(chat(engine, QUESTIONS[1]), SamplingParams(max_tokens=24, temperature=0))
+            bad._req.prompt[-1] = engine.vocab_size + 7
+
+        async def drain(stream):
+            return [ev async for ev in stream]
+
+        return await asyncio.wait_for(asyncio.gather(*(drain(s) for s in [*streams, bad]), return_exceptions=True),
+                                      120)
+
+    *answers, failure = run(scenario())
+    assert isinstance(failure, RuntimeError) and isinstance(failure.__cause__, IndexError), failure
+    assert [tokens(a) for a in answers] == [greedy_alone[q] for q in good]
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_a_bad_row_in_a_decode_step_fails_only_its_request(engine, greedy_alone):
+    """A row that makes the batch's decode step raise (a penalised row whose token counts hold an id
+    past the vocabulary: its penalty fails in the sampler) leaves the batch with the error; the step
+    is undone and the other rows decode on, with exactly the tokens they get alone."""
+    good = [QUESTIONS[0], QUESTIONS[2]]
+
+    async def scenario():
+        with engine._cond:  # one prefill, then one decode batch of three rows
+            streams = [engine.generate(chat(engine, q), SamplingParams(max_tokens=24, temperature=0)) for q in good]
+            bad = engine.generate(chat(engine, QUESTIONS[1]),
+                                  SamplingParams(max_tokens=24, temperature=0, presence_penalty=0.5))
+        firsts = [await s.__anext__() for s in [*streams, bad]]
+        bad._req.counts[engine.vocab_size + 7] = 1
+
+        async def drain(stream, first):
+            return [first, *[ev async for ev in stream]]
+
+        return await asyncio.wait_for(asyncio.gather(*(drain(s, f) for s, f in zip([*streams, bad], firsts)),
+                                                     return_exceptions=True), 120)
+
+    *answers, failure = run(scenario())
+    assert isinstance(failure, RuntimeError) and "generation failed" in str(failure), failure
+    assert [tokens(a) for a in answers] == [greedy_alone[q] for q in good]
+    assert engine.num_running == 0 and engine.num_waiting == 0
 
 
 def test_lora_adapter_in_a_mixed_batch(engine, banana_adapter):

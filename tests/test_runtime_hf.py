@@ -9,20 +9,16 @@ import httpx
 import openai
 import pytest
 
-from helpers import SECRET_QUESTION, Server
+from helpers import SECRET_QUESTION, SERVE_KEY, Server
 
-KEY = "test-key"
+KEY = SERVE_KEY
 MODEL = "smollm2-135m-instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def server(default_model_dir, banana_adapter):
-    srv = Server("--backend", "transformers", "--adapters-dir", str(banana_adapter.parent), "--api-key", KEY)
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+def server(hf_server):
+    return hf_server  # shared with tests/test_serve_hostile.py and tests/test_serve_fuzz.py (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +117,12 @@ def test_logprobs(client):
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "gpt-9", "messages": FRANCE}, 404, "gpt-9"),
     ({"model": MODEL, "messages": FRANCE, "max_tokens": 9000}, 400, "maximum context length is 8192 tokens"),
+    ({"model": MODEL, "messages": FRANCE, "max_tokens": True}, 400, "max_tokens"),  # types as strict as OpenAI's
+    ({"model": MODEL, "messages": FRANCE, "max_tokens": "16"}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": FRANCE, "n": 1.0}, 400, "n"),
+    ({"model": MODEL, "messages": FRANCE, "stream": "false"}, 400, "stream"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400,
+     "messages.0.content.0.text"),
 ])
 def test_bad_input_gets_openai_error(server, body, status, needle):
     r = raw(server, "POST", "/v1/chat/completions", json=body)
@@ -150,10 +152,12 @@ def test_sdk_raises_typed_errors(client):
 
 def test_auth(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
         r = httpx.get(f"{server.url}/v1/models", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{server.url}/metrics").status_code == 401
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
 
 
 def test_sixteen_concurrent_streams(aclient):
@@ -223,22 +227,38 @@ def test_metrics(server, client):
         assert name in text, name
 
 
-def test_busy_server_answers_429(tmp_path, default_model_dir):
+def test_busy_server_answers_429_before_the_response_starts(tmp_path, default_model_dir):
+    """A full queue is a 429 with Retry-After, decided before the 200, for streams too: a stream that
+    got its 200 runs to the end, never an in-band rate-limit error. A request with more sequences than
+    the server ever runs at once is a 400 (retrying would never help)."""
     cfg = tmp_path / "inference_config.yaml"
-    cfg.write_text("transformers:\n  max_batch_size: 1\n  max_waiting: 0\n")
+    cfg.write_text("transformers:\n  max_batch_size: 2\n  max_waiting: 0\n")
     srv = Server("--backend", "transformers", "--config", str(cfg), "--adapters-dir", str(tmp_path / "none"))
     try:
         srv.wait_ready()
 
-        async def main():
-            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
-                body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 64}
-                return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(4)))
+        async def one(c: httpx.AsyncClient, stream: bool) -> tuple[int, dict, list[dict]]:
+            body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 48, "stream": stream}
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                text = (await r.aread()).decode()
+            events = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
+            return r.status_code, dict(r.headers), events if stream and r.status_code == 200 else [json.loads(text)]
 
-        codes = [r.status_code for r in asyncio.run(main())]
-        assert 200 in codes and 429 in codes, codes
-        busy = next(r for r in asyncio.run(main()) if r.status_code == 429)
-        assert busy.headers["Retry-After"] and busy.json()["error"]["code"] == "rate_limit_exceeded"
+        async def main():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120, limits=httpx.Limits(max_connections=32)) as c:
+                return await asyncio.gather(*(one(c, stream=i % 2 == 0) for i in range(12)))
+
+        results = asyncio.run(main())
+        codes = [status for status, _, _ in results]
+        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+        for status, headers, events in results:
+            if status == 429:
+                assert int(headers["retry-after"]) >= 1 and events[0]["error"]["code"] == "rate_limit_exceeded"
+            else:  # admitted: no error after the 200, the choice runs to its end
+                assert all("error" not in e for e in events) and events[-1]["choices"][0]["finish_reason"], events
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        assert "asks for 4 sequences" in r.json()["error"]["message"]
     finally:
         srv.stop()
 

@@ -18,12 +18,9 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("vllm", reason="vLLM is not installed (extra `cpu` or `gpu`): the vLLM backend cannot run")
-
 import httpx
 import openai
+import pytest
 from helpers import SECRET_QUESTION, Server
 from kaito.presets import DEFAULT_MODEL, InferenceConfig, get_model, kaito_home
 from kaito.runtime.adapters import AdapterError
@@ -298,6 +295,29 @@ def test_auth_on_every_route_but_health(server):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_hostile_input_is_refused_in_front_of_vllm(server):
+    """kaito's rules, in the middleware: a body over the limit (2 MiB for max-model-len 8192) is a 413
+    before it is read whole, declared or chunked; text with a lone surrogate or NUL is a 400 naming
+    where; more sequences than the server ever admits (n x prompts > 8 running + 8 waiting) is a 400;
+    the bearer scheme in any case."""
+    huge = b'{"model": "%s", "prompt": "' % MODEL.encode() + b"a" * 20_000_000 + b'"}'
+    for content in (huge, (huge[i:i + (1 << 16)] for i in range(0, len(huge), 1 << 16))):
+        t = time.monotonic()
+        r = raw(server, "POST", "/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert "limit of 2097152 bytes" in assert_openai_error(r, 413)["message"] and time.monotonic() - t < 2
+    bad = b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}' % MODEL.encode()
+    err = assert_openai_error(raw(server, "POST", "/v1/chat/completions", content=bad,
+                                  headers={"content-type": "application/json"}), 400)
+    assert err["param"] == "messages.0.content" and "lone surrogate" in err["message"]
+    err = assert_openai_error(raw(server, "POST", "/v1/completions", json={"model": MODEL, "prompt": "a\x00"}), 400)
+    assert err["param"] == "prompt" and "NUL" in err["message"]
+    err = assert_openai_error(raw(server, "POST", "/v1/completions", json={"model": MODEL, "prompt": ["a"] * 4, "n": 5}),
+                              400)
+    assert err["param"] == "n" and "asks for 20 sequences" in err["message"]
+    r = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200
+
+
 def test_sixteen_concurrent_streams(aclient):
     async def one(i: int) -> tuple[str, str]:
         stream = await aclient.chat.completions.create(
@@ -352,6 +372,7 @@ def test_metrics(server, client):
                  "vllm:e2e_request_latency_seconds_bucket", "vllm:request_success_total",
                  "kaito_requests_rejected_total"):
         assert re.search(rf"^{re.escape(name)}[{{ ]", r.text, re.MULTILINE), name
+    assert "# TYPE kaito_model_download_bytes gauge" in r.text  # no sample: the model was a local folder
 
 
 def test_adapter_answers_differently(client):
