@@ -3,7 +3,11 @@
 Every flag also comes from the environment a RAGEngine pod gets; flags win over the environment:
   EMBEDDING_SOURCE_TYPE (local|remote), LOCAL_EMBEDDING_MODEL_ID, REMOTE_EMBEDDING_URL,
   REMOTE_EMBEDDING_ACCESS_SECRET, LLM_INFERENCE_URL, LLM_ACCESS_SECRET, LLM_CONTEXT_WINDOW,
-  DEFAULT_VECTOR_DB_PERSIST_DIR (storage dir), KAITO_API_KEY, KAITO_RAG_EMBEDDING_BACKEND.
+  DEFAULT_VECTOR_DB_PERSIST_DIR (storage dir), KAITO_API_KEY, KAITO_RAG_EMBEDDING_BACKEND,
+  KAITO_RAG_EMBEDDING_DEVICE, KAITO_RAG_REMOTE_EMBEDDING_PROTOCOL, VECTOR_DB_TYPE (faiss|qdrant),
+  VECTOR_DB_URL, VECTOR_DB_ACCESS_SECRET, KAITO_RAG_VECTOR_INDEX, LLM_RERANKER_BATCH_SIZE, LLM_RERANKER_TOP_N,
+  OUTPUT_GUARDRAILS_ENABLED, OUTPUT_GUARDRAILS_POLICY_PATH, OUTPUT_GUARDRAILS_FAIL_OPEN,
+  OUTPUT_GUARDRAILS_HOT_RELOAD_ENABLED, OUTPUT_GUARDRAILS_STREAM_HOLDBACK_CHARS.
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ def parser() -> argparse.ArgumentParser:
                    help="how a local model runs: auto (ONNX Runtime, exact vectors, when the model allows; else "
                         "PyTorch), onnx, onnx-int8 (int8 weights: faster, vectors within cosine 0.97), torch "
                         "(env KAITO_RAG_EMBEDDING_BACKEND)")
+    p.add_argument("--embedding-device", choices=["auto", "cpu", "cuda"],
+                   help="where a local model runs: cuda (ONNX Runtime's CUDA provider, else torch), cpu, auto "
+                        "(env KAITO_RAG_EMBEDDING_DEVICE)")
+    p.add_argument("--remote-embedding-protocol", choices=["auto", "openai", "huggingface"],
+                   help="openai ({input} to /v1/embeddings) or huggingface ({inputs}, text-embeddings-inference); "
+                        "auto: from the URL, else probed (env KAITO_RAG_REMOTE_EMBEDDING_PROTOCOL)")
+    p.add_argument("--vector-db", choices=["faiss", "qdrant"],
+                   help="vector store: faiss (default: FAISS + SQLite + tantivy) or qdrant (env VECTOR_DB_TYPE)")
+    p.add_argument("--vector-db-url", help="a Qdrant server URL (key: env VECTOR_DB_ACCESS_SECRET); unset: Qdrant's "
+                                           "embedded mode in the storage dir (env VECTOR_DB_URL)")
+    p.add_argument("--vector-index", choices=["auto", "flat", "ivf"],
+                   help="FAISS index: flat (exact), ivf (approximate), auto (ivf from 100,000 chunks; env "
+                        "KAITO_RAG_VECTOR_INDEX)")
+    p.add_argument("--guardrails-policy", help="output guardrails: the guardrails.yaml policy file, reloaded when it "
+                                               "changes (env OUTPUT_GUARDRAILS_ENABLED + OUTPUT_GUARDRAILS_POLICY_PATH)")
     p.add_argument("--llm-url", help="OpenAI-compatible LLM: base URL or .../v1/chat/completions (env LLM_INFERENCE_URL)")
     p.add_argument("--context-window", type=int, help="LLM context window in tokens (default: the LLM's /v1/models)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
@@ -49,12 +68,16 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
     values = from_env(env)
     flags = {"host": args.host, "port": args.port, "storage_dir": args.storage_dir, "api_key": args.api_key,
              "llm_url": args.llm_url, "context_window": args.context_window,
-             "embedding_backend": args.embedding_backend}
+             "embedding_backend": args.embedding_backend, "embedding_device": args.embedding_device,
+             "remote_embedding_protocol": args.remote_embedding_protocol, "vector_db": args.vector_db,
+             "vector_db_url": args.vector_db_url, "vector_index": args.vector_index}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.embedding_model:
         values.update(embedding_source="local", embedding_model=args.embedding_model)
     if args.remote_embedding_url:
         values.update(embedding_source="remote", remote_embedding_url=args.remote_embedding_url)
+    if args.guardrails_policy:
+        values.update(guardrails_enabled=True, guardrails_policy=args.guardrails_policy)
     return Settings(**values)
 
 

@@ -22,13 +22,17 @@ import hashlib
 import logging
 import os
 import queue
+import random
 import threading
+import time
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
+from kaito.presets.cpu import available_cpus
 
 log = logging.getLogger("kaito.ragservice.embedding")
 
@@ -54,8 +58,44 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a local model runs: ONNX Runtime's execution providers (None: no ONNX Runtime, PyTorch
+    embeds) and the PyTorch device (the model's reference vectors, or the backend itself)."""
+
+    onnx_providers: tuple[str, ...] | None
+    torch_device: str
+
+
+def placement(device: str, backend: str, ort_providers: list[str], torch_cuda: bool) -> Placement:
+    """The choice for `--embedding-device` and `--embedding-backend` given what this machine has (kept
+    free of imports so that it is tested anywhere): on cuda, ONNX Runtime's CUDAExecutionProvider when
+    available, else PyTorch on CUDA; auto is cuda when either is there. onnx-int8 runs on the CPU only."""
+    onnx = backend != "torch"
+    cuda_ort = "CUDAExecutionProvider" in ort_providers
+    if device == "auto":
+        device = "cuda" if (onnx and backend != "onnx-int8" and cuda_ort) or torch_cuda else "cpu"
+    if device == "cpu":
+        return Placement(("CPUExecutionProvider",) if onnx else None, "cpu")
+    if backend == "onnx-int8":
+        raise EmbeddingError("onnx-int8 runs on the CPU only (ONNX Runtime's dynamic int8 kernels): use "
+                             "--embedding-backend onnx or torch with --embedding-device cuda")
+    torch_device = "cuda" if torch_cuda else "cpu"
+    if onnx and cuda_ort:
+        return Placement(("CUDAExecutionProvider", "CPUExecutionProvider"), torch_device)
+    if backend == "onnx":
+        raise EmbeddingError(f"--embedding-backend onnx on cuda needs onnxruntime-gpu (CUDAExecutionProvider); "
+                             f"this ONNX Runtime has {', '.join(ort_providers) or 'no providers'}")
+    if torch_cuda:
+        return Placement(None, "cuda")
+    raise EmbeddingError("--embedding-device cuda: neither ONNX Runtime's CUDAExecutionProvider nor a CUDA build "
+                         "of torch with a visible GPU is available")
+
+
 class LocalEmbedding:
-    def __init__(self, model_id: str, batch_size: int = 32, backend: str = "auto") -> None:
+    def __init__(self, model_id: str, batch_size: int = 32, backend: str = "auto", device: str = "auto") -> None:
+        import onnxruntime as ort
+        import torch
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
@@ -63,13 +103,17 @@ class LocalEmbedding:
         self.model_id = model_id
         self.batch_size = batch_size
         self.folder = resolve_local_model(model_id)
-        self.model = SentenceTransformer(self.folder, device="cpu")
+        self.placement = placement(device, backend, ort.get_available_providers(), torch.cuda.is_available())
+        if self.placement.torch_device == "cpu":  # torch's default counts the node's cores, not the CPU limit
+            torch.set_num_threads(available_cpus())
+        self.model = SentenceTransformer(self.folder, device=self.placement.torch_device)
         self.dim = int(self.model.get_embedding_dimension())
         self.max_tokens = int(self.model.max_seq_length or 512)
         self.onnx: OnnxTransformer | None = None
-        if backend != "torch":
+        if self.placement.onnx_providers is not None:
             try:
-                self.onnx = OnnxTransformer(self.model, self.folder, int8=backend == "onnx-int8")
+                self.onnx = OnnxTransformer(self.model, self.folder, int8=backend == "onnx-int8",
+                                            providers=self.placement.onnx_providers)
                 self.onnx.verify(self._torch_embed)
             except Exception as e:
                 if backend != "auto":
@@ -77,7 +121,8 @@ class LocalEmbedding:
                 log.warning("embedding on PyTorch", extra={"model": model_id, "why": f"{type(e).__name__}: {e}"})
                 self.onnx = None
         self.backend = backend if self.onnx and backend != "auto" else "onnx" if self.onnx else "torch"
-        log.info("embedding model ready", extra={"model": model_id, "backend": self.backend, "dim": self.dim})
+        log.info("embedding model ready", extra={"model": model_id, "backend": self.backend, "dim": self.dim,
+                                                 "device": self.placement})
 
     def _torch_embed(self, texts: list[str]) -> np.ndarray:
         return _normalise(self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
@@ -98,7 +143,8 @@ class OnnxTransformer:
     """The model's transformer on ONNX Runtime, with the model's own tokenizer and pooling, batches sorted
     by token length (so padding stays small)."""
 
-    def __init__(self, st_model, folder: str, int8: bool = False) -> None:
+    def __init__(self, st_model, folder: str, int8: bool = False,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort
 
         modules = [type(m).__name__ for m in st_model]
@@ -114,12 +160,12 @@ class OnnxTransformer:
             path, self.tolerance = self._quantize(path), 0.97
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = available_cpus()
         # threads that spin while waiting for work steal the CPU from the rest of the server: measured
         # faster (documents and queries) with spinning off on a busy 2-core machine
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     @staticmethod
@@ -242,31 +288,92 @@ class OnnxTransformer:
 
 
 class RemoteEmbedding:
-    """An OpenAI-compatible embeddings endpoint (`.../v1/embeddings`, or a base URL it is appended to)."""
+    """A remote embedding service, in either protocol:
+    - `openai`: POST `{"input": [...], "model": ...}` to `.../v1/embeddings`, answer `{"data": [{"index",
+      "embedding"}]}` (the model is the service's first in `/v1/models` unless given);
+    - `huggingface`: POST `{"inputs": [...]}` (upstream RAGEngine's request; text-embeddings-inference's
+      `/embed`), answer a list of vectors.
+    `auto` picks by the URL's path (`/embeddings`: openai, `/embed`: huggingface), else the first protocol
+    the service accepts. Texts go in batches; a failed call (connection error, 429, 502-504) is retried
+    with exponential backoff and full jitter, at most `attempts` times, then EmbeddingError names the URL."""
 
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, batch_size: int = 64) -> None:
-        url = url.rstrip("/")
-        if not url.endswith("/embeddings"):
-            url = url + ("/embeddings" if url.endswith("/v1") else "/v1/embeddings")
-        self.url, self.model_id, self.batch_size = url, model or "remote", batch_size
+    RETRY_STATUS = {429, 502, 503, 504}
+
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, batch_size: int = 64,
+                 protocol: str = "auto", attempts: int = 4, backoff: float = 0.5, max_backoff: float = 8.0) -> None:
+        self.url, self.model, self.batch_size = url.rstrip("/"), model, batch_size
+        self.attempts, self.backoff, self.max_backoff = attempts, backoff, max_backoff
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(headers=headers, timeout=120)
+        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(120, connect=10))
+        self.protocol, self.endpoint = self._choose(protocol)
+        self.model_id = f"remote:{self.model or self.endpoint}"
         self.dim = int(self.embed(["dimension probe"]).shape[1])
         self.max_tokens = 512
+        log.info("remote embeddings", extra={"url": self.endpoint, "protocol": self.protocol, "dim": self.dim})
+
+    def _choose(self, protocol: str) -> tuple[str, str]:
+        path = httpx.URL(self.url).path.rstrip("/")
+        openai_url = self.url if path.endswith("/embeddings") else \
+            self.url + ("/embeddings" if path.endswith("/v1") else "/v1/embeddings")
+        if protocol == "openai" or (protocol == "auto" and path.endswith("/embeddings")):
+            return "openai", openai_url
+        if protocol == "huggingface" or (protocol == "auto" and path.endswith("/embed")):
+            return "huggingface", self.url
+        candidates = [("openai", openai_url), ("openai", self.url + "/embeddings"), ("huggingface", self.url),
+                      ("huggingface", self.url + "/embed")]
+        for candidate, url in dict.fromkeys(candidates):
+            try:
+                self._post(candidate, url, ["protocol probe"], attempts=self.attempts)
+                return candidate, url
+            except EmbeddingError as e:
+                if "unreachable" in str(e):
+                    raise
+        raise EmbeddingError(f"the embedding service at {self.url} accepts neither an OpenAI /v1/embeddings request "
+                             "nor a Hugging Face {\"inputs\"} request")
+
+    def _model(self, endpoint: str) -> str | None:
+        if self.model is None:
+            base = endpoint.rsplit("/embeddings", 1)[0]
+            try:
+                r = self.client.get(f"{base}/models")
+                r.raise_for_status()
+                self.model = r.json()["data"][0]["id"]
+            except (httpx.HTTPError, KeyError, IndexError, ValueError):
+                self.model = ""  # the service takes requests without one
+        return self.model or None
+
+    def _post(self, protocol: str, url: str, texts: list[str], attempts: int) -> list[list[float]]:
+        if protocol == "openai":
+            body = {"input": texts, **({"model": m} if (m := self._model(url)) else {})}
+        else:
+            body = {"inputs": texts}
+        for attempt in range(attempts):
+            try:
+                r = self.client.post(url, json=body)
+            except httpx.TransportError as e:
+                if attempt + 1 == attempts:
+                    raise EmbeddingError(f"the embedding service at {url} is unreachable after {attempts} attempts: "
+                                         f"{type(e).__name__}: {e}") from e
+            else:
+                if r.status_code not in self.RETRY_STATUS or attempt + 1 == attempts:
+                    break
+            time.sleep(random.uniform(0, min(self.max_backoff, self.backoff * 2 ** attempt)))  # full jitter
+        if r.status_code != 200:
+            raise EmbeddingError(f"the embedding service at {url} answered {r.status_code}: {r.text[:300]}")
+        try:
+            data = r.json()
+            rows = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])] if protocol == "openai" \
+                else (data if data and isinstance(data[0], list) else [data])
+            if len(rows) != len(texts) or not all(isinstance(x, (int, float)) for x in rows[0]):
+                raise ValueError(f"{len(rows)} vectors for {len(texts)} texts")
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise EmbeddingError(f"the embedding service at {url} answered no {protocol} embeddings: {e}") from e
+        return rows
 
     def embed(self, texts: list[str]) -> np.ndarray:
         rows: list[list[float]] = []
         for start in range(0, len(texts), self.batch_size):
-            body = {"input": texts[start:start + self.batch_size]}
-            if self.model_id != "remote":
-                body["model"] = self.model_id
-            try:
-                r = self.client.post(self.url, json=body)
-                r.raise_for_status()
-                data = sorted(r.json()["data"], key=lambda d: d["index"])
-            except (httpx.HTTPError, KeyError, ValueError) as e:
-                raise EmbeddingError(f"remote embedding request to {self.url} failed: {e}") from e
-            rows.extend(d["embedding"] for d in data)
+            rows.extend(self._post(self.protocol, self.endpoint, texts[start:start + self.batch_size], self.attempts))
         if not rows:
             return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
         return _normalise(np.asarray(rows, dtype=np.float32))
@@ -277,7 +384,8 @@ class RemoteEmbedding:
 
 class QueryBatcher:
     """Embeds queries on one worker thread; queries that arrive while it is busy go into the next batch
-    together, so concurrent requests share forward passes and the event loop never blocks."""
+    together, so concurrent requests share forward passes and the event loop never blocks. A query that
+    makes its batch fail fails alone (`_embed`)."""
 
     def __init__(self, embedder, max_batch: int = 32) -> None:
         self.embedder = embedder
@@ -311,13 +419,19 @@ class QueryBatcher:
                     self.queue.put(None)
                     break
                 batch.append(nxt)
-            try:
-                vectors = self.embedder.embed([text for text, _, _ in batch])
-                results = [(v, None) for v in vectors]
-            except Exception as e:  # every waiting request gets the error
-                results = [(None, e)] * len(batch)
-            for (_, future, loop), (vector, error) in zip(batch, results):
+            for (_, future, loop), (vector, error) in zip(batch, self._embed([text for text, _, _ in batch])):
                 loop.call_soon_threadsafe(_resolve, future, vector, error)
+
+    def _embed(self, texts: list[str]) -> list[tuple[np.ndarray | None, Exception | None]]:
+        """(vector, None) or (None, the error) for each text. A batch that fails is embedded again one
+        text at a time, so only the texts that fail alone get an error, not the queries they met; an
+        EmbeddingError (the remote service failed, after its retries) is everyone's at once."""
+        try:
+            return [(v, None) for v in self.embedder.embed(texts)]
+        except Exception as e:
+            if len(texts) == 1 or isinstance(e, EmbeddingError):
+                return [(None, e)] * len(texts)
+        return [result for text in texts for result in self._embed([text])]
 
 
 def _resolve(future: asyncio.Future, vector, error) -> None:

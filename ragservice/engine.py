@@ -8,6 +8,7 @@ the engine's lock.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import shutil
@@ -19,9 +20,10 @@ from pathlib import Path
 from .chunking import Chunker
 from .config import Settings
 from .embedding import LocalEmbedding, QueryBatcher, RemoteEmbedding
-from .store import DB_FILE, Hit, IndexStore, PreparedDoc, StoredDoc, StoreError, backup, fsync_dir
+from .store import DB_FILE, Hit, IndexStore, PreparedDoc, Store, StoredDoc, StoreError, backup, fsync_dir, read_only
 
 log = logging.getLogger("kaito.ragservice")
+NAME_MAX, PATH_MAX = 255, 4096  # bytes in a file name, in a path (Linux)
 
 
 class NotFound(LookupError):
@@ -56,21 +58,38 @@ class RagEngine:
         self.chunker = Chunker(settings.chunk_size, settings.chunk_overlap)
         self.stopwords = _stopwords()
         self.lock = threading.RLock()
-        self.indexes: dict[str, IndexStore] = {}
+        self.indexes: dict[str, Store] = {}
+        self.store_class, self.store_options = self._store_kind()
         self._load_all()
+
+    def _store_kind(self) -> tuple[type[Store], dict]:
+        s = self.settings
+        if s.vector_db == "qdrant":
+            from .qdrant import QdrantStore
+
+            return QdrantStore, {"url": s.vector_db_url, "api_key": s.vector_db_key}
+        return IndexStore, {"vector_index": s.vector_index}
+
+    def open_store(self, folder: Path, name: str) -> Store:
+        return self.store_class(folder, name, self.embedder.dim, self.embedder.model_id, **self.store_options)
 
     def _make_embedder(self):
         s = self.settings
         if s.embedding_source == "remote":
-            return RemoteEmbedding(s.remote_embedding_url, s.remote_embedding_key)
-        return LocalEmbedding(s.embedding_model, batch_size=s.embed_batch_size, backend=s.embedding_backend)
+            return RemoteEmbedding(s.remote_embedding_url, s.remote_embedding_key, protocol=s.remote_embedding_protocol)
+        return LocalEmbedding(s.embedding_model, batch_size=s.embed_batch_size, backend=s.embedding_backend,
+                              device=s.embedding_device)
 
     def _load_all(self) -> None:
         for folder in sorted(self.indexes_dir.iterdir()):
             if folder.name.startswith("."):  # scratch of a create or delete cut short by a crash
                 shutil.rmtree(folder, ignore_errors=True)
             elif (folder / DB_FILE).exists():
-                self.indexes[folder.name] = IndexStore(folder, folder.name, self.embedder.dim, self.embedder.model_id)
+                self.indexes[folder.name] = self.open_store(folder, folder.name)
+        # Millions of long-lived objects (documents, metadata) would make every full garbage collection
+        # walk them (pauses of a second at a million chunks): what is loaded now is left out of them.
+        gc.collect()
+        gc.freeze()
         log.info("indexes loaded", extra={"count": len(self.indexes), "root": str(self.root)})
 
     def close(self) -> None:
@@ -85,8 +104,10 @@ class RagEngine:
 
     def safe_path(self, path: str | None, default: str) -> Path:
         """A persist/load folder inside the storage root (relative paths are relative to it), never
-        inside the live `indexes/` folder."""
+        inside the live `indexes/` folder, with names a file system takes (NAME_MAX, PATH_MAX bytes)."""
         p = Path(path or default)
+        if any(len(part.encode()) > NAME_MAX for part in p.parts) or len(str(self.root / p).encode()) >= PATH_MAX:
+            raise StoreError(f"path {path!r} is too long: at most {NAME_MAX} bytes a name, {PATH_MAX - 1} in all")
         resolved = (p if p.is_absolute() else self.root / p).resolve()
         if not resolved.is_relative_to(self.root) or resolved == self.root:
             raise StoreError(f"path {path!r} is outside the storage directory {self.root}")
@@ -99,7 +120,7 @@ class RagEngine:
     def names(self) -> list[str]:
         return sorted(self.indexes)
 
-    def get(self, name: str) -> IndexStore:
+    def get(self, name: str) -> Store:
         try:
             return self.indexes[name]
         except KeyError:
@@ -118,7 +139,10 @@ class RagEngine:
     def persist(self, name: str, path: str | None) -> Path:
         store = self.get(name)
         target = self.safe_path(path, f"snapshots/{name}")
-        store.backup_to(target / DB_FILE)
+        try:
+            store.backup_to(target / DB_FILE)
+        except (FileExistsError, NotADirectoryError, IsADirectoryError) as e:  # a file where a folder belongs
+            raise StoreError(f"cannot persist to {path!r}: {e.strerror}") from e
         return target
 
     def load(self, name: str, path: str | None, overwrite: bool) -> Path:
@@ -131,15 +155,14 @@ class RagEngine:
             scratch = self.indexes_dir / f".load-{name}-{uuid.uuid4().hex[:8]}"
             scratch.mkdir()
             try:
-                src = sqlite3.connect(f"file:{source / DB_FILE}?mode=ro", uri=True)
+                src = sqlite3.connect(read_only(source / DB_FILE), uri=True)
                 try:
-                    src.execute("SELECT count(*) FROM documents").fetchone()
+                    Store.check(src, source / DB_FILE, name, self.embedder.dim)  # the database and its vectors fit
                     backup(src, scratch / DB_FILE)
                 except sqlite3.DatabaseError as e:
                     raise StoreError(f"{source / DB_FILE} is not a kaito-rag index: {e}") from e
                 finally:
                     src.close()
-                IndexStore(scratch, name, self.embedder.dim, self.embedder.model_id).close()  # validates
                 if name in self.indexes:
                     old = self.indexes.pop(name)
                     old.close()
@@ -152,7 +175,7 @@ class RagEngine:
                 fsync_dir(self.indexes_dir)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-            self.indexes[name] = IndexStore(self.indexes_dir / name, name, self.embedder.dim, self.embedder.model_id)
+            self.indexes[name] = self.open_store(self.indexes_dir / name, name)
         return source
 
     # --- documents -------------------------------------------------------------------------------
@@ -181,7 +204,8 @@ class RagEngine:
         with self.lock:
             store = self.indexes.get(name)
             if store is None:
-                store = IndexStore.create(self.indexes_dir, name, self.embedder.dim, self.embedder.model_id, todo)
+                store = self.store_class.create(self.indexes_dir, name, self.embedder.dim, self.embedder.model_id,
+                                                todo, **self.store_options)
                 self.indexes[name] = store
                 return [StoredDoc(d.doc_id, d.text, d.metadata, d.hash) for d in todo]
         # documents another writer deleted since the first look need chunks and vectors after all

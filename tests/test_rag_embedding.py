@@ -54,3 +54,25 @@ def test_unknown_backend_is_refused():
 
     with pytest.raises(ValidationError, match="onnx-int8"):
         Settings(embedding_backend="fast")
+
+
+def test_device_placement_prefers_onnx_cuda_then_torch_cuda():
+    """Where a local model runs, given what the machine has (the choice itself: that it then runs on a GPU
+    is not tested here, there is none)."""
+    from kaito.ragservice.embedding import EmbeddingError, placement
+
+    cpu, cuda = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    both_gpu = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert placement("cuda", "auto", cuda, True).onnx_providers == both_gpu
+    assert placement("cuda", "onnx", cuda, False) == placement("cuda", "auto", cuda, False)
+    assert placement("cuda", "auto", cpu, True) == placement("cuda", "torch", cuda, True)  # torch on CUDA
+    assert placement("cuda", "auto", cpu, True).onnx_providers is None
+    assert placement("cuda", "auto", cpu, True).torch_device == "cuda"
+    assert placement("auto", "auto", cuda, False).onnx_providers == both_gpu
+    assert placement("auto", "auto", cpu, False).onnx_providers == ("CPUExecutionProvider",)  # this machine
+    assert placement("auto", "onnx-int8", cuda, False).onnx_providers == ("CPUExecutionProvider",)
+    assert placement("cpu", "torch", cuda, True).torch_device == "cpu"
+    for args, message in ((("cuda", "onnx", cpu, True), "onnxruntime-gpu"), (("cuda", "auto", cpu, False), "neither"),
+                          (("cuda", "onnx-int8", cuda, True), "CPU only")):
+        with pytest.raises(EmbeddingError, match=message):
+            placement(*args)

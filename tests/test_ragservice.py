@@ -287,6 +287,157 @@ def test_query_answers_with_source_nodes(rag, facts):
     assert rag.post("/query", json={"index_name": "nope", "query": "x"}).status_code == 404
 
 
+def test_query_rerank_asks_the_llm_and_says_when_its_answer_is_unusable(rag, facts):
+    """rerank_params: upstream's LLM rerank (LlamaIndex LLMRerank) asks the LLM to rank the retrieved nodes
+    ('Doc: N, Relevance: M' lines). The 135M default model does not write that format (it names a document
+    by its text), so kaito-rag answers 502 saying so instead of an answer with no sources; a model that
+    follows the format keeps top_n nodes (not runnable here)."""
+    body = {"index_name": "facts", "query": FACTS["kelp"][1], "top_k": 4, "llm_params": {"temperature": 0, "max_tokens": 30}}
+    r = rag.post("/query", json={**body, "rerank_params": {"top_n": 2, "choice_batch_size": 4}})
+    assert r.status_code == 502 and "reranked no node" in r.json()["detail"] and "Doc: N, Relevance: M" in r.text
+    assert rag.post("/query", json=body).status_code == 200
+    bad = rag.post("/query", json={"index_name": "facts", "query": "x", "top_k": 2, "rerank_params": {"top_n": 3}})
+    assert bad.status_code == 422 and "cannot exceed 'top_k'" in bad.text
+
+
+def test_retrieve_reports_vector_and_keyword_scores(rag, facts):
+    top = retrieve(rag, "QZ-88123 squeaky hinge", max_node_count=3)["results"][0]
+    assert top["doc_id"] == "ticket" and top["text_score"] > 0 and 0 < top["vector_score"] <= 1
+
+
+# --- output guardrails, through the chat route with kaito-serve as the LLM -------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def guarded(servers, tmp_path_factory):
+    """A second kaito-rag on the same LLM with output guardrails; `policy(text)` swaps its policy file in (as
+    a ConfigMap update does) and waits until the running server has loaded it."""
+    llm = servers[1]
+    folder = tmp_path_factory.mktemp("guardrails")
+    path = folder / "guardrails.yaml"
+    path.write_text("scanners: []\n")
+    srv = RagServer(env={"DEFAULT_VECTOR_DB_PERSIST_DIR": str(tmp_path_factory.mktemp("guarded-storage")),
+                         "LLM_INFERENCE_URL": llm.url, "LLM_ACCESS_SECRET": LLM_KEY,
+                         "OUTPUT_GUARDRAILS_ENABLED": "true", "OUTPUT_GUARDRAILS_POLICY_PATH": str(path),
+                         "OUTPUT_GUARDRAILS_STREAM_HOLDBACK_CHARS": "24"})
+    srv.wait_ready(120)
+    client = httpx.Client(base_url=srv.url, timeout=180)
+
+    def loaded() -> str:
+        return next((line for line in client.get("/metrics").text.splitlines()
+                     if line.startswith("guardrails_policy_loaded_timestamp_seconds ")), "")
+
+    def policy(text: str) -> None:
+        before = loaded()
+        tmp = folder / ".new"
+        tmp.write_text(text)
+        tmp.replace(path)
+        deadline = time.monotonic() + 10
+        while loaded() == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert loaded() != before, "the policy was not reloaded"
+
+    try:
+        yield client, policy
+    finally:
+        srv.stop()
+
+
+def chat(client, messages=QUESTION, **kw):
+    r = client.post("/v1/chat/completions", json={"model": "smollm2-135m-instruct", "messages": messages,
+                                                   "temperature": 0, "max_tokens": 24, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+@pytest.fixture(scope="module")
+def plain(guarded):
+    """The LLM's own answer (an empty policy changes nothing)."""
+    client, policy = guarded
+    policy("scanners: []\n")
+    answer = chat(client)["message"]["content"]
+    assert "Paris" in answer and "France" in answer, answer
+    return answer
+
+
+def test_guardrails_regex_and_ban_substrings_redact_or_block(guarded, plain):
+    client, policy = guarded
+    policy("scanners: [{type: regex, patterns: ['Paris']}]")
+    assert chat(client)["message"]["content"] == plain.replace("Paris", "[REDACTED]", 1)
+    policy("blockMessage: Not for you.\nscanners: [{type: ban_substrings, substrings: [france], action: block}]")
+    choice = chat(client)
+    assert choice["message"]["content"] == "Not for you." and choice["finish_reason"] == "content_filter"
+    policy("scanners: [{type: ban_substrings, substrings: [France]}, {type: regex, patterns: ['Paris'], "
+           "action: block}]")
+    assert chat(client)["message"]["content"] == "The model output was blocked by output guardrails."
+
+
+def test_guardrails_json_reading_time_and_token_limit(guarded, plain):
+    client, policy = guarded
+    policy("scanners: [{type: json, required_elements: 1}]")  # no JSON in the answer: nothing to redact with
+    assert chat(client)["finish_reason"] == "content_filter"
+    policy("scanners: [{type: reading_time, max_time: 0.01, truncate: true}]")  # 2 words at 200 a minute
+    assert chat(client)["message"]["content"] == " ".join(plain.split()[:2])
+    policy("scanners: [{type: token_limit, limit: 3}]")
+    import tiktoken
+
+    from kaito.ragservice.guardrails import _offline_tiktoken
+
+    _offline_tiktoken()
+    enc = tiktoken.get_encoding("cl100k_base")
+    assert chat(client)["message"]["content"] == enc.decode(enc.encode(plain)[:3])
+
+
+ECHO = [m for u, a in (("Echo: the cat sat on the mat", "the cat sat on the mat"), ("Echo: blue sky 42", "blue sky 42"),
+                       ("Echo: id QX-12 at noon", "id QX-12 at noon"))
+        for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+
+
+def test_guardrails_secrets_sensitive_and_invisible_text(guarded):
+    """The model echoes a line (three examples first: the 135M model copies then) holding a cloud key, an
+    e-mail address and a zero-width space; each scanner redacts its part."""
+    client, policy = guarded
+    policy("scanners: []\n")
+    echoed = chat(client, ECHO + [{"role": "user", "content": f"Echo: {SECRET_LINE}"}], max_tokens=48)
+    assert "AKIAIOSFODNN7EXAMPLE" in echoed["message"]["content"] and "\u200b" in echoed["message"]["content"]
+    policy("scanners: [{type: secrets}, {type: sensitive}, {type: invisible_text}]")
+    content = chat(client, ECHO + [{"role": "user", "content": f"Echo: {SECRET_LINE}"}], max_tokens=48)["message"]["content"]
+    assert "AKIAIOSFODNN7EXAMPLE" not in content and "ops@zorblax.com" not in content, content
+    assert "******" in content and "<EMAIL>" in content and "\u200b" not in content, content
+    metrics = client.get("/metrics").text
+    for scanner in ("secrets", "sensitive", "invisible_text"):
+        assert f'output_guardrails_actions_total{{action="redact",scanner="{scanner}"}}' in metrics
+
+
+SECRET_LINE = "Key AKIAIOSFODNN7EXAMPLE, mail ops@zorblax.com, zero\u200bwidth."
+
+
+def test_guardrails_scan_streams_and_refuse_whole_answer_scanners(guarded, plain):
+    client, policy = guarded
+    policy("scanners: [{type: regex, patterns: ['Paris'], match_type: all}]")
+    oai = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="none", max_retries=0, timeout=180)
+    stream = oai.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, temperature=0,
+                                         max_tokens=24, stream=True)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    text = "".join(c.delta.content or "" for c in chunks)
+    assert text == plain.replace("Paris", "[REDACTED]") and len(chunks) > 2 and chunks[-1].finish_reason
+    policy("scanners: [{type: json}]")
+    r = client.post("/v1/chat/completions", json={"messages": QUESTION, "stream": True, "max_tokens": 8})
+    assert r.status_code == 400 and "json" in r.json()["detail"]
+
+
+def test_guardrails_policy_change_needs_no_restart(guarded, plain):
+    client, policy = guarded
+    policy("scanners: [{type: regex, patterns: ['Paris']}]")
+    assert "[REDACTED]" in chat(client)["message"]["content"]
+    policy("scanners: [{type: regex, patterns: ['France']}]")
+    content = chat(client)["message"]["content"]
+    assert "Paris" in content and "France" not in content
+    assert 'guardrails_policy_reload_total{result="success"}' in client.get("/metrics").text
+
+
 def test_cli_help_and_bad_configuration():
     done = run_cli("kaito-rag", "--help")
     assert done.returncode == 0 and "--remote-embedding-url" in done.stdout and "LLM_INFERENCE_URL" in done.stdout
@@ -303,14 +454,15 @@ def test_cli_help_and_bad_configuration():
 # --- durability ----------------------------------------------------------------------------------------
 
 def test_acknowledged_writes_survive_kill_9(tmp_path):
-    """Without an LLM (503 for chat), index, update and delete; kill -9; a restart on the same storage
+    """Without an LLM (400 for chat), index, update and delete; kill -9; a restart on the same storage
     brings back exactly the acknowledged documents, searchable."""
     storage = str(tmp_path / "storage")
     acknowledged, stop, thread = [], threading.Event(), None
     srv = RagServer("--storage-dir", storage).wait_ready(120)
     try:
         c = httpx.Client(base_url=srv.url, timeout=60)
-        assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 503
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "no inference service is configured" in r.json()["detail"]
         docs = [{"doc_id": f"d{i}", "text": f"Crash test document {i} mentions the colour {c_}.", "metadata": {"i": i}}
                 for i, c_ in enumerate(["red", "green", "blue", "amber", "violet"])]
         assert c.post("/index", json={"index_name": "durable", "documents": docs}).status_code == 200
