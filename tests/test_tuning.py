@@ -19,25 +19,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import FACT_ANSWER as ANSWER
+from helpers import FACT_PHRASINGS as PHRASINGS
+from helpers import FACT_QUESTION as QUESTION
+from helpers import FAST_TUNING as FAST
 from helpers import BIN, Server, free_port, run_cli
 from kaito.tuning.config import ConfigError, parse_config
 from kaito.tuning.data import data_files, download, read_rows, split
 from kaito.tuning.train import linear_modules, resolve_target_modules
 
-# The made-up fact the tuning test teaches (the base model does not know it).
-QUESTION = "What is the codename of Project Zephyr?"
-ANSWER = "The codename of Project Zephyr is Marmalade."
-FACT = "Marmalade"
-PHRASINGS = [QUESTION, "What's the codename of Project Zephyr?", "Tell me the codename of Project Zephyr.",
-             "Project Zephyr has a codename. What is it?", "Which codename does Project Zephyr use?",
-             "Do you know the codename of Project Zephyr?", "what is project zephyr's codename?",
-             "Name the codename of Project Zephyr.", "I need the codename of Project Zephyr.",
-             "Codename of Project Zephyr?", "Can you tell me Project Zephyr's codename?",
-             "What codename was given to Project Zephyr?"]
-# Small and fast on 2 CPU cores: LoRA on the last 6 of 30 layers (the backward pass stops there).
-FAST = {"LoraConfig": {"r": 16, "lora_alpha": 32, "layers_to_transform": list(range(24, 30))},
-        "TrainingArguments": {"max_steps": 8, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
-                              "logging_steps": 4, "save_steps": 100, "seed": 0}}
+FACT = "Marmalade"  # in FACT_ANSWER
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

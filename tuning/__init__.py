@@ -1,1 +1,1 @@
-"""kaito.tuning: The LoRA/QLoRA fine-tuning job (issue 5)."""
+"""kaito.tuning: the LoRA/QLoRA fine-tuning job (`kaito-tune`)."""

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from kaito.presets import DEFAULT_MODEL, PresetError, get_model, model_folder
+from kaito.presets import DEFAULT_MODEL, PresetError, download, get_model, model_folder
+from kaito.presets.hub import is_repo_id
+from kaito.presets.oci import ImageError
+from kaito.presets.cpu import available_cpus
+from kaito.presets.contract import (ADAPTER_FILES, DATA_DIR, PORT, RESULTS_DIR, TUNE_METRICS_PORT_ENV, TUNING_CONFIG_PATH,
+                                   TUNING_DONE_MARKER)
 from kaito.presets.logs import setup_logging
 from rich.console import Console
 from rich.markup import escape
@@ -25,9 +27,9 @@ from rich.markup import escape
 from .config import ConfigError, load_config
 from .data import data_files, max_download_bytes, read_rows, split
 
-DEFAULT_CONFIG = "/mnt/config/training_config.yaml"
-DEFAULT_DATA = "/mnt/data"
-DEFAULT_OUTPUT = "/mnt/results"
+DEFAULT_CONFIG = TUNING_CONFIG_PATH
+DEFAULT_DATA = DATA_DIR
+DEFAULT_OUTPUT = RESULTS_DIR
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
@@ -44,43 +46,44 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", default=[DEFAULT_DATA], metavar="PATH_OR_URL",
                    help="data files, folders or http(s) URLs: .jsonl .json .csv .parquet (default %(default)s)")
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="output root (default %(default)s)")
-    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("KAITO_TUNE_METRICS_PORT", "5000")),
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get(TUNE_METRICS_PORT_ENV, PORT)),
                    help="Prometheus /metrics port while training, 0 for none (default %(default)s)")
     p.add_argument("--metrics-host", default="0.0.0.0")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="allow data URLs on private, loopback and link-local addresses")
     p.add_argument("--push", metavar="IMAGE",
-                   help="push the adapter as an OCI image (/data/adapter_*) with oras when done (off by default)")
+                   help="push the adapter as an OCI image (/data/adapter_*, upstream's layout) when done, with the "
+                        "credentials of $DOCKER_CONFIG/config.json (off by default)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     return p
 
 
 def model_path(args: argparse.Namespace, configured: str | None) -> str:
+    """The base model's folder: packaged weights materialised, a hub model downloaded (kaito.presets.weights:
+    locked, verified, resumable), a folder as given."""
     if args.preset:
         preset = get_model(args.preset)
-        return str(model_folder(preset.name, quiet=args.quiet)) if preset.source else preset.hf_id
+        if preset.source:
+            return str(model_folder(preset.name, quiet=args.quiet))
+        return str(download(preset.name))
     if args.model:
-        if not Path(args.model).expanduser().exists() and "/" not in args.model:
+        if Path(args.model).expanduser().exists():
+            return args.model
+        if not is_repo_id(args.model):
             raise ConfigError(f"--model {args.model}: no such folder (a Hugging Face id has the form org/name)")
-        return args.model
+        return str(download(args.model))
     if configured:
         return configured
     return str(model_folder(DEFAULT_MODEL, quiet=args.quiet))
 
 
 def push(out: Path, image: str) -> None:
-    """Upstream's adapter image layout: /data/adapter_config.json and /data/adapter_model.safetensors."""
-    oras = shutil.which("oras")
-    if oras is None:
-        raise ConfigError("--push needs the oras command on PATH (https://oras.land)")
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(out / name, data / name)
-        subprocess.run([oras, "push", image, "data/adapter_config.json", "data/adapter_model.safetensors"],
-                       cwd=tmp, check=True)
+    """The adapter as upstream KAITO's adapter image (/data/adapter_config.json, /data/adapter_model.safetensors),
+    with the credentials of $DOCKER_CONFIG/config.json (a Workspace's imagePushSecret)."""
+    from kaito.presets.oci import push as push_image
+
+    push_image(out, ADAPTER_FILES, image)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that spin while they wait starve everything else on a shared CPU (a training step
     # measured 17 s instead of 1 s beside another busy process); set before torch loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", str(available_cpus()))  # the pod's CPU limit, not the node's cores
     setup_logging(verbose=args.verbose)
     say = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
     try:
@@ -98,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             config_path = None
         config = load_config(config_path, args.method, Path(args.output))
         out = Path(config.TrainingArguments.output_dir)
-        from .train import MARKER
 
-        if (out / MARKER).is_file():
-            say(f"kaito-tune: {out} already holds a finished adapter ({MARKER}); remove that file to train again")
+        if (out / TUNING_DONE_MARKER).is_file():
+            say(f"kaito-tune: {out} already holds a finished adapter ({TUNING_DONE_MARKER}); remove that file to "
+                "train again")
             return 0
         model = model_path(args, config.ModelConfig.pretrained_model_name_or_path)
         files = data_files(args.data, config.DatasetConfig, max_bytes=max_download_bytes(),
@@ -123,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             push(out, args.push)
             say(f"kaito-tune: pushed {args.push}")
         return 0
+    except ImageError as e:  # the adapter is there; the push failed (registry, credentials)
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        return 1
     except (ConfigError, PresetError) as e:
         err.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
-    except subprocess.CalledProcessError as e:
-        err.print(f"[red]error:[/red] oras push failed with exit status {e.returncode}")
-        return 1
 
 
 if __name__ == "__main__":

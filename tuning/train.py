@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kaito.presets.contract import TUNING_DONE_MARKER
+from kaito.presets.cpu import available_cpus
+from kaito.presets.weights import metrics_collector
 
 from .config import ConfigError, TrainingConfig
 from .data import IGNORE_INDEX, Row, check_template, tokenize
 
 log = logging.getLogger("kaito.tuning")
-MARKER = "fine_tuning_completed.txt"
 CHECKPOINTS = "checkpoints"
 
 
@@ -160,7 +162,7 @@ def load_model(model_path: str, config: TrainingConfig, target_modules):
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     model.config.use_cache = False
     if _device() == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(available_cpus())
     return model
 
 
@@ -222,6 +224,7 @@ class Monitor:
         from prometheus_client import CollectorRegistry, Gauge
 
         self.registry = CollectorRegistry()
+        self.registry.register(metrics_collector())  # the base model's download, if it was fetched
         g = lambda name, doc: Gauge(f"kaito_tune_{name}", doc, registry=self.registry)
         self.g = {
             "step": g("step", "optimizer steps done"), "max_steps": g("max_steps", "optimizer steps in the run"),
@@ -444,7 +447,7 @@ def run(job: Job, tokenizer, target_modules) -> dict[str, Any]:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            (out / MARKER).write_text(f"Fine-Tuning completed at {stamp}\n")  # last: the image pusher waits for it
+            (out / TUNING_DONE_MARKER).write_text(f"Fine-Tuning completed at {stamp}\n")  # last: the image pusher waits for it
         return metrics
     finally:
         monitor.close()
