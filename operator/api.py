@@ -16,7 +16,15 @@ from pydantic.alias_generators import to_camel
 from .meta import API_VERSION, GROUP
 
 API_VERSIONS = (API_VERSION, f"{GROUP}/v1alpha1")  # v1alpha1 manifests (older upstream examples) read the same
-RUNTIME_ANNOTATION = "kaito.sh/runtime"  # vllm (default) | transformers, as upstream
+
+# Annotations of a Workspace, upstream KAITO's names
+RUNTIME_ANNOTATION = "kaito.sh/runtime"  # vllm (default) | transformers
+ENABLE_LB = "kaito.sh/enablelb"  # "True": the Service is a LoadBalancer
+BYPASS_RESOURCE_CHECKS = "kaito.sh/bypass-resource-checks"  # present: GPU memory shortfalls warn instead of refuse
+PERFORMANCE_MODE = "kaito.sh/performance-mode"  # vLLM --performance-mode: balanced | interactivity | throughput
+NODE_IMAGE_FAMILY = "kaito.sh/node-image-family"  # ubuntu | azurelinux: the OS image of provisioned nodes
+USE_LOCAL_WEIGHTS = "kaito.sh/use-local-weights"  # "true": weights from the node's /opt/kaito/models/<preset>
+DISABLE_BENCHMARK = "kaito.sh/disable-benchmark"  # upstream's post-load benchmark switch
 
 
 class Spec(BaseModel):
@@ -51,17 +59,28 @@ class LabelSelector(Spec):
     match_expressions: list[LabelSelectorRequirement] | None = None
 
 
+class PartitionSpec(Spec):
+    mode: str = Field(description="mig (an NVIDIA MIG slice per pod) or accelerator (whole GPUs per pod).")
+    profile: str | None = Field(None, description="mig: the MIG profile, e.g. 1g.10gb.")
+    count: int | None = Field(None, ge=1, description="accelerator: GPUs per pod.")
+
+
 class ResourceSpec(Spec):
-    count: int = Field(1, ge=1, description="GPU nodes (deprecated upstream: the estimator decides).")
+    count: int | None = Field(None, ge=1, description="GPU nodes. Deprecated upstream: with the vLLM runtime the "
+                              "estimator chooses the node count (status.targetNodeCount).")
     instance_type: str | None = Field(None, description="GPU node SKU, e.g. Standard_NC24ads_A100_v4.")
     label_selector: LabelSelector | None = Field(None, description="Labels the GPU nodes carry.")
     preferred_nodes: list[str] | None = Field(None, description="Existing nodes to use before provisioning new ones.")
+    partition: PartitionSpec | None = Field(None, description="GPU partitioning (bring your own nodes only).")
 
 
 class PresetOptions(Spec):
     model_access_secret: str | None = Field(None, description="Secret holding HF_TOKEN for gated models.")
     image: str | None = Field(None, description="Deprecated upstream (private model image); ignored.")
     image_pull_secrets: list[str] | None = None
+    model_weights_pvc: str | None = Field(None, alias="modelWeightsPVC", description="An existing PVC to keep the "
+                                          "downloaded weights on (instead of an emptyDir), so restarts skip the download.")
+    model_weights_sub_path: str | None = Field(None, description="Sub-folder of modelWeightsPVC to use.")
 
 
 class PresetSpec(Spec):
@@ -161,16 +180,20 @@ class Workspace(Resource):
     def runtime(self) -> str:
         return self.metadata.annotations.get(RUNTIME_ANNOTATION, "vllm")
 
+    def annotation(self, key: str) -> str | None:
+        return self.metadata.annotations.get(key)
+
 
 class PersistentVolumeConfig(Spec):
-    persistent_volume_claim: str
-    mount_path: str | None = None
+    persistent_volume_claim: str = Field(description="The PVC the vector store is kept on.")
+    mount_path: str | None = Field(None, description="Where the volume is mounted (default /mnt/vector-db); the "
+                                   "store is its <RAGEngine name> sub-folder, so RAGEngines can share a volume.")
 
 
 class VectorDBConfig(Spec):
-    engine: str
-    url: str
-    access_secret: str | None = None
+    engine: str = Field(description="The vector database: qdrant (a Qdrant server, with its own hybrid search).")
+    url: str = Field(description="The database's URL, e.g. http://qdrant-svc:6333.")
+    access_secret: str | None = Field(None, description="Secret whose key VECTOR_DB_ACCESS_SECRET holds the API key.")
 
 
 class StorageSpec(Spec):
@@ -213,11 +236,26 @@ class InferenceServiceSpec(Spec):
     context_window_size: int | None = None
 
 
+class ConfigMapReference(Spec):
+    name: str = Field(description="A ConfigMap in the RAGEngine's namespace.")
+
+
+class GuardrailsSpec(Spec):
+    enabled: bool = Field(False, description="Output guardrails on the chat completions' answers.")
+    config_map_ref: ConfigMapReference | None = Field(None, description="The ConfigMap holding the guardrails.yaml "
+                                                      "policy (default: a copy of kaito's default policy).")
+    fail_open: bool | None = Field(None, description="When a scanner fails: true (default) returns the answer "
+                                   "unscanned, false fails the request with 500.")
+
+
 class RAGEngineSpec(Spec):
-    compute: ResourceSpec | None = None
+    compute: ResourceSpec | None = Field(None, description="GPU nodes for a local embedding model; without it the "
+                                         "RAGEngine runs on ordinary nodes, embeddings on the CPU.")
     storage: StorageSpec | None = None
     embedding: EmbeddingSpec | None = None
-    inference_service: InferenceServiceSpec | None = None
+    inference_service: InferenceServiceSpec | None = Field(None, description="The LLM; without a url the RAGEngine "
+                                                           "is retrieve-only.")
+    guardrails: GuardrailsSpec | None = None
 
 
 class RAGEngineStatus(Spec):
@@ -234,3 +272,69 @@ class RAGEngine(Resource):
 
 
 KINDS: dict[str, type[Resource]] = {"Workspace": Workspace, "RAGEngine": RAGEngine}
+
+
+# --- InferenceSet: a set of identical inference Workspaces, scaled as one (upstream KAITO's, beta since v0.11) ---
+
+INFERENCESET_LABEL = "inferenceset.kaito.sh/created-by"  # on each Workspace (and its pods): the InferenceSet's name
+# KEDA autoscaling of an InferenceSet (upstream's keda-kaito-scaler annotations)
+SCALEDOBJECT_AUTO_PROVISION = "scaledobject.kaito.sh/auto-provision"  # "true": kaito makes and owns a ScaledObject
+SCALEDOBJECT_MIN_REPLICAS = "scaledobject.kaito.sh/min-replicas"  # default 1; 0 scales to zero when idle
+SCALEDOBJECT_MAX_REPLICAS = "scaledobject.kaito.sh/max-replicas"  # used when spec.nodeCountLimit is not set
+SCALEDOBJECT_METRIC_NAME = "scaledobject.kaito.sh/metricName"  # default vllm:num_requests_waiting
+SCALEDOBJECT_THRESHOLD = "scaledobject.kaito.sh/threshold"  # the metric's target per replica
+SCALEDOBJECT_MANAGED_BY = "scaledobject.kaito.sh/managed-by"  # on the ScaledObjects kaito makes
+
+
+class TemplateMeta(BaseModel):
+    """The Workspaces' metadata (labels, annotations such as kaito.sh/runtime); schemaless upstream."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class InferenceSetResourceSpec(Spec):
+    instance_type: str | None = Field(None, description="GPU node SKU of each replica, e.g. Standard_NC24ads_A100_v4.")
+    partition: PartitionSpec | None = Field(None, description="GPU partitioning of each replica (bring your own "
+                                                              "nodes only); immutable.")
+
+
+class InferenceSetTemplate(Spec):
+    metadata: TemplateMeta = Field(default_factory=TemplateMeta)
+    resource: InferenceSetResourceSpec = Field(default_factory=InferenceSetResourceSpec)
+    inference: InferenceSpec
+
+
+class InferenceSetSpec(Spec):
+    template: InferenceSetTemplate = Field(description="What each replica (a Workspace) runs.")
+    replicas: int = Field(1, ge=0, description="Workspaces to run (the scale subresource's spec.replicas).")
+    node_count_limit: int | None = Field(None, ge=0, description="Most GPU nodes the InferenceSet may use in all: "
+                                         "replicas x the nodes each replica needs. Unset or 0: no limit.")
+    label_selector: LabelSelector = Field(description="The nodes' labels, as each Workspace's resource.labelSelector.")
+    update_strategy: Mapping | None = Field(None, description="How Workspaces are replaced (a StatefulSet "
+                                            "updateStrategy); schemaless, as upstream.")
+
+
+class InferenceSetStatus(Spec):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    selector: str | None = None
+    conditions: list[Condition] | None = None
+
+
+class InferenceSet(Resource):
+    """A set of identical inference Workspaces, scaled as one (kubectl scale, KEDA)."""
+
+    kind: Literal["InferenceSet"] = "InferenceSet"
+    spec: InferenceSetSpec
+    status: InferenceSetStatus | None = None
+
+    def workspace_name(self, index: int) -> str:
+        return f"{self.name}-{index}"
+
+
+KINDS["InferenceSet"] = InferenceSet

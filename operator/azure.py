@@ -6,11 +6,15 @@
 - Other clusters (`pool_kind: vmss`): one VM scale set of capacity 1 (azure-mgmt-compute) with
   the configured image and subnet; its cloud-init (`vmss_custom_data`, a template with `{labels}`,
   `{taints}` and `{name}`) joins the node to the cluster with the claim's labels and taints.
+- The claim's `kaito.sh/node-image-family` annotation (from the Workspace's) is the agent pool's OS
+  image (`osSKU`: Ubuntu or AzureLinux).
 
-Capacity is created and deleted with the SDK's long-running-operation pollers. Authentication is
-azure-identity's DefaultAzureCredential (workload identity in the cluster, or the environment).
-The SKU list (`resource_skus.list`) says whether a size is offered in the region and how many GPUs
-it has; an unknown or restricted size, a quota error or any other cloud error is written to the
+Capacity is created and deleted with the SDK's long-running-operation pollers; the SDK's retry policy
+retries throttling (429, after its Retry-After), 5xx answers (a failed poll too) and connection errors.
+Authentication is azure-identity's DefaultAzureCredential (workload identity in the cluster, or the
+environment). The SKU list (`resource_skus.list`) says whether a size is offered in the region and how
+many GPUs it has; an unknown or restricted size, a quota error (at the PUT, or when the accepted
+operation fails), an error that outlasted the SDK's retries or any other cloud error is written to the
 claim's `Launched` condition (reason = Azure's error code), and retried with backoff.
 
 The claim's status follows the cloud and the cluster: Launched (the pool exists), Registered (a node
@@ -20,7 +24,7 @@ reports `nvidia.com/gpu` capacity), Ready. A finalizer deletes the pool before t
 Crash safety: the pool's name is derived from the claim's name (create-or-update is idempotent, so a
 retry after a crash never makes a second pool); the finalizer is in place before any pool exists; a
 garbage collector deletes pools tagged `kaito-nodeclaim` whose claim no longer exists (at start and
-every `gc_interval` seconds).
+every `gc_interval` seconds); untagged pools and pools of existing claims are never touched.
 """
 
 from __future__ import annotations
@@ -31,13 +35,17 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any, Literal
 
 import kopf
 from pydantic import BaseModel, Field
 
-from .controller import GPU, NODECLAIM, node_gpus, node_ready, now
+from . import status as st
+from .api import NODE_IMAGE_FAMILY
+from .cluster import GPU, NODECLAIM, node_gpus, node_ready
 from .kube import Kube
 
 log = logging.getLogger("kaito.operator.azure")
@@ -60,6 +68,7 @@ class AzureSettings(BaseModel):
     vmss_custom_data: str = Field("", description="cloud-init template: {name}, {labels}, {taints}")
     gc_interval: float = 300.0
     polling_interval: float = 30.0  # seconds between polls of a long-running operation
+    retry_backoff: float = 0.8  # the SDK's retry_backoff_factor (its default): 0, 2x, 4x... seconds between tries
 
     @classmethod
     def from_env(cls) -> AzureSettings:
@@ -67,7 +76,8 @@ class AzureSettings(BaseModel):
         values = {"subscription_id": env.get("AZURE_SUBSCRIPTION_ID", ""),
                   "resource_group": env.get("AZURE_RESOURCE_GROUP", ""), "location": env.get("AZURE_LOCATION", ""),
                   "cluster_name": env.get("AZURE_CLUSTER_NAME", "")}
-        for field in ("pool_kind", "arm_url", "vmss_image", "vmss_subnet_id", "gc_interval", "polling_interval"):
+        for field in ("pool_kind", "arm_url", "vmss_image", "vmss_subnet_id", "gc_interval", "polling_interval",
+                      "retry_backoff"):
             if f"KAITO_AZURE_{field.upper()}" in env:
                 values[field] = env[f"KAITO_AZURE_{field.upper()}"]
         if "KAITO_AZURE_VMSS_CUSTOM_DATA_FILE" in env:
@@ -85,6 +95,20 @@ class CloudError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason, self.message = reason, message
+
+
+@contextmanager
+def cloud_errors() -> Iterator[None]:
+    """The SDK's errors, once its retry policy gave up, as CloudError: Azure's error code when it sent one."""
+    from azure.core.exceptions import AzureError, HttpResponseError
+
+    try:
+        yield
+    except HttpResponseError as e:
+        code = getattr(e.error, "code", None) or e.reason or "CloudError"
+        raise CloudError(code, getattr(e.error, "message", None) or str(e)) from None
+    except AzureError as e:  # no answer: a refused connection, a timeout
+        raise CloudError(type(e).__name__, str(e)) from None
 
 
 def pool_name(claim: str) -> str:
@@ -106,7 +130,8 @@ def claim_facts(claim: dict) -> dict[str, Any]:
               if not k.startswith(("karpenter.sh/", "kubernetes.azure.com/"))}
     labels[NODE_LABEL] = claim["metadata"]["name"]
     taints = [f"{t['key']}={t.get('value', '')}:{t['effect']}" for t in spec.get("taints") or []]
-    return {"size": size, "disk": disk, "labels": labels, "taints": taints}
+    os_sku = (claim["metadata"].get("annotations") or {}).get(NODE_IMAGE_FAMILY)  # Ubuntu | AzureLinux
+    return {"size": size, "disk": disk, "labels": labels, "taints": taints, "os_sku": os_sku}
 
 
 class Azure:
@@ -117,6 +142,7 @@ class Azure:
         self._credential = credential
         self._skus: tuple[float, dict[str, dict]] | None = None
         self.kw: dict[str, Any] = {"polling_interval": settings.polling_interval}
+        self.client_kw = {"base_url": settings.arm_url, "retry_backoff_factor": settings.retry_backoff}
         if settings.arm_url.startswith("http://"):  # a local ARM (tests): plain HTTP
             self.kw["enforce_https"] = False
 
@@ -132,13 +158,13 @@ class Azure:
     def aks(self):
         from azure.mgmt.containerservice import ContainerServiceClient
 
-        return ContainerServiceClient(self.credential, self.s.subscription_id, base_url=self.s.arm_url)
+        return ContainerServiceClient(self.credential, self.s.subscription_id, **self.client_kw)
 
     @cached_property
     def compute(self):
         from azure.mgmt.compute import ComputeManagementClient
 
-        return ComputeManagementClient(self.credential, self.s.subscription_id, base_url=self.s.arm_url)
+        return ComputeManagementClient(self.credential, self.s.subscription_id, **self.client_kw)
 
     def _get_kw(self) -> dict[str, Any]:
         return {k: v for k, v in self.kw.items() if k == "enforce_https"}
@@ -148,9 +174,11 @@ class Azure:
         if self._skus and time.monotonic() - self._skus[0] < 3600:
             return self._skus[1]
         found = {}
-        for s in self.compute.resource_skus.list(filter=f"location eq '{self.s.location}'", **self._get_kw()):
-            if s.resource_type != "virtualMachines":
-                continue
+        with cloud_errors():
+            listed = [s for s in self.compute.resource_skus.list(filter=f"location eq '{self.s.location}'",
+                                                                 **self._get_kw())
+                      if s.resource_type == "virtualMachines"]
+        for s in listed:
             caps = {c.name: c.value for c in s.capabilities or []}
             restricted = [getattr(r.reason_code, "value", r.reason_code) for r in s.restrictions or []
                           if r.type == "Location"]
@@ -171,26 +199,21 @@ class Azure:
 
     def ensure(self, claim: dict) -> None:
         """Create (or update to the same) the claim's pool and wait for the operation."""
-        from azure.core.exceptions import HttpResponseError
-
         facts = claim_facts(claim)
         self.check_size(facts["size"])
         name = pool_name(claim["metadata"]["name"])
         tags = {TAG: claim["metadata"]["name"]}
-        try:
+        with cloud_errors():
             if self.s.pool_kind == "aks":
                 body = {"properties": {"vmSize": facts["size"], "count": 1, "osDiskSizeGB": facts["disk"],
                                        "mode": "User", "osType": "Linux", "nodeLabels": facts["labels"],
-                                       "nodeTaints": facts["taints"], "tags": tags}}
+                                       "nodeTaints": facts["taints"], "tags": tags,
+                                       **({"osSKU": facts["os_sku"]} if facts["os_sku"] else {})}}
                 self.aks.agent_pools.begin_create_or_update(self.s.resource_group, self.s.cluster_name, name, body,
                                                             **self.kw).result()
             else:
                 self.compute.virtual_machine_scale_sets.begin_create_or_update(
                     self.s.resource_group, name, self._vmss(name, facts, tags), **self.kw).result()
-        except HttpResponseError as e:
-            code = getattr(e.error, "code", None) or e.reason or "CloudError"
-            message = getattr(e.error, "message", None) or str(e)
-            raise CloudError(code, message) from None
 
     def _vmss(self, name: str, facts: dict, tags: dict) -> dict:
         image: dict[str, str]
@@ -213,20 +236,24 @@ class Azure:
                             "subnet": {"id": self.s.vmss_subnet_id}}}]}}]}}}}
 
     def delete(self, claim_name: str) -> None:
-        name = pool_name(claim_name)
-        if self.s.pool_kind == "aks":
-            self.aks.agent_pools.begin_delete(self.s.resource_group, self.s.cluster_name, name, **self.kw).result()
-        else:
-            self.compute.virtual_machine_scale_sets.begin_delete(self.s.resource_group, name, **self.kw).result()
+        self.delete_pool(pool_name(claim_name))
 
-    def pools(self) -> dict[str, str]:
-        """The pools this provisioner made: claim name -> pool name."""
-        if self.s.pool_kind == "aks":
-            items = self.aks.agent_pools.list(self.s.resource_group, self.s.cluster_name, **self._get_kw())
-            return {(p.properties.tags or {}).get(TAG): p.name for p in items
-                    if p.properties and (p.properties.tags or {}).get(TAG)}
-        items = self.compute.virtual_machine_scale_sets.list(self.s.resource_group, **self._get_kw())
-        return {(v.tags or {}).get(TAG): v.name for v in items if (v.tags or {}).get(TAG)}
+    def delete_pool(self, name: str) -> None:
+        with cloud_errors():
+            if self.s.pool_kind == "aks":
+                self.aks.agent_pools.begin_delete(self.s.resource_group, self.s.cluster_name, name, **self.kw).result()
+            else:
+                self.compute.virtual_machine_scale_sets.begin_delete(self.s.resource_group, name, **self.kw).result()
+
+    def pools(self) -> list[tuple[str, str]]:
+        """The pools this provisioner made (tagged with their claim): (claim name, pool name)."""
+        with cloud_errors():
+            if self.s.pool_kind == "aks":
+                items = self.aks.agent_pools.list(self.s.resource_group, self.s.cluster_name, **self._get_kw())
+                return [(p.properties.tags[TAG], p.name) for p in items
+                        if p.properties and (p.properties.tags or {}).get(TAG)]
+            items = self.compute.virtual_machine_scale_sets.list(self.s.resource_group, **self._get_kw())
+            return [(v.tags[TAG], v.name) for v in items if (v.tags or {}).get(TAG)]
 
 
 # --- the NodeClaim's status ---------------------------------------------------------------------
@@ -234,36 +261,32 @@ class Azure:
 
 def claim_status(kube: Kube, claim: dict, launched: CloudError | bool, info: dict | None) -> dict:
     """Conditions Launched / Registered / Initialized / Ready from the cloud's answer and the node."""
-    old = {c["type"]: c for c in (claim.get("status") or {}).get("conditions") or []}
-    status: dict[str, Any] = {}
-    conds: list[tuple[str, bool, str, str]] = []
+    conds: list[st.Cond] = []
     if isinstance(launched, CloudError):
-        conds.append(("Launched", False, launched.reason, launched.message))
+        conds.append(st.Cond(st.LAUNCHED, False, launched.reason, launched.message))
     else:
-        conds.append(("Launched", True, "Launched", "the cloud capacity exists"))
+        conds.append(st.Cond(st.LAUNCHED, True, "Launched", "the cloud capacity exists"))
     node = None
     if launched is True:
         nodes = kube.list("v1", "Node", selector=f"{NODE_LABEL}={claim['metadata']['name']}")
         node = nodes[0] if nodes else None
     registered = node is not None
-    conds.append(("Registered", registered, "Registered" if registered else "NotRegistered",
-                  f"node {node['metadata']['name']} joined" if node else "waiting for the node to join"))
+    conds.append(st.Cond(st.REGISTERED, registered, "Registered" if registered else "NotRegistered",
+                         f"node {node['metadata']['name']} joined" if node else "waiting for the node to join"))
     initialized = bool(node and node_ready(node) and node_gpus(node) > 0)
-    conds.append(("Initialized", initialized, "Initialized" if initialized else "NotInitialized",
-                  f"{GPU}: {node_gpus(node)}" if initialized and node else f"waiting for the node's {GPU} capacity"))
+    conds.append(st.Cond(st.INITIALIZED, initialized, "Initialized" if initialized else "NotInitialized",
+                         f"{GPU}: {node_gpus(node)}" if initialized and node else
+                         f"waiting for the node's {GPU} capacity"))
     ready = initialized and launched is True
     failed = isinstance(launched, CloudError)
-    conds.append(("Ready", ready, "Ready" if ready else (launched.reason if failed else "NotReady"),
-                  "" if ready else (launched.message if failed else "waiting for the node")))
+    conds.append(st.Cond(st.READY, ready, "Ready" if ready else (launched.reason if failed else "NotReady"),
+                         "" if ready else (launched.message if failed else "waiting for the node")))
+    status: dict[str, Any] = {}
     if node:
         status["nodeName"] = node["metadata"]["name"]
     if info:
         status["capacity"] = {GPU: str(info["gpus"]), "cpu": str(info["vcpus"]), "memory": f"{info['memory_gib']}Gi"}
-    status["conditions"] = [
-        {"type": t, "status": "True" if ok else "False", "reason": r, "message": m[:1000],
-         "lastTransitionTime": (old[t].get("lastTransitionTime") if t in old and old[t].get("status") == (
-             "True" if ok else "False") else None) or now()}
-        for t, ok, r, m in conds]
+    status["conditions"] = st.conditions((claim.get("status") or {}).get("conditions"), conds)
     return status
 
 
@@ -297,8 +320,8 @@ def register(registry: kopf.OperatorRegistry, settings: AzureSettings | None = N
             log.warning("capacity failed", extra={"nodeclaim": name, "reason": e.reason, "error": e.message[:300]})
             result = e
         status = claim_status(k, claim, result, info)
-        if _differs(claim.get("status") or {}, status):
-            k.patch_status(*NODECLAIM, name, None, status)
+        st.write(k, *NODECLAIM, name, None, claim.get("status") or {}, status, uid=claim["metadata"].get("uid"),
+                 component="kaito-azure-provisioner")
         if isinstance(result, CloudError):
             return -1  # back off
         return 0 if status["conditions"][-1]["status"] == "True" else 2
@@ -351,17 +374,11 @@ def register(registry: kopf.OperatorRegistry, settings: AzureSettings | None = N
 
 
 def garbage_collect(cloud: Azure, kube: Kube) -> list[str]:
-    """Delete the pools whose NodeClaim no longer exists."""
+    """Delete the pools whose NodeClaim no longer exists (a claim that cannot be read stops the round)."""
     removed = []
-    for claim, pool in cloud.pools().items():
+    for claim, pool in cloud.pools():
         if kube.get(*NODECLAIM, claim) is None:
-            cloud.delete(claim)
+            cloud.delete_pool(pool)
             removed.append(pool)
     return removed
 
-
-def _differs(old: dict, new: dict) -> bool:
-    def strip(s: dict) -> dict:
-        return {**s, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"}
-                                    for c in s.get("conditions") or []]}
-    return strip({**old, **new}) != strip(old)

@@ -5,9 +5,9 @@
   kaito-operator crds                             the CustomResourceDefinitions
   kaito-operator webhook [--tls-cert C --tls-key K]   the validating admission webhook (POST /validate)
   kaito-operator run [--no-auto-provision] [--provisioner azure] [--leader-elect]   the cluster controller
-  kaito-operator local apply -f FILE [--cpu] [--wait]   run them on this machine
+  kaito-operator local apply -f FILE [--cpu [--nodes N]] [--wait]   run them on this machine
   kaito-operator local get [NAME] [-o yaml|json]  state and conditions, like `kubectl get`
-  kaito-operator local logs NAME [-f]             the process output
+  kaito-operator local logs NAME [-f] [--pod N]   the process output
   kaito-operator local delete (-f FILE | NAME)    stop and clean up
 """
 
@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import status as st
 from .crds import crds_yaml
 from .local import LocalError, LocalRunner
 from .manifests import ManifestError, Manifests, dump_yaml, load
@@ -40,9 +41,9 @@ def _lookup(m: Manifests):
     return lambda kind, name: m.find(kind, name)
 
 
-def _warn(m: Manifests) -> None:
+def _warn(m: Manifests, auto_provision: bool) -> None:
     for res in m.resources:
-        for w in (e for e in validate(res, lookup=_lookup(m)) if e.warning):
+        for w in (e for e in validate(res, lookup=_lookup(m), auto_provision=auto_provision) if e.warning):
             err.print(f"[yellow]warning:[/yellow] {res.kind} {res.name}: {escape(str(w))}")
 
 
@@ -57,7 +58,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     m = load(args.filename)
     failed = 0
     for res in m.resources:
-        found = validate(res, lookup=_lookup(m))
+        found = validate(res, lookup=_lookup(m), auto_provision=args.auto_provision)
         errors = [e for e in found if not e.warning]
         for w in (e for e in found if e.warning):
             err.print(f"[yellow]warning:[/yellow] {res.kind} {res.name}: {escape(str(w))}")
@@ -73,9 +74,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     m = load(args.filename)
-    _warn(m)
+    _warn(m, args.auto_provision)
     opts = RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
-                         **({"image_tag": args.tag} if args.tag else {}))
+                         **({"image_tag": args.tag} if args.tag else {}), auto_provision=args.auto_provision)
     objects = [obj for res in m.resources for obj in render(res, _lookup(m), opts)]
     sys.stdout.write(_dump(objects, args.output))
     return 0
@@ -112,12 +113,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    m = load(args.filename)
+    from .inferenceset import expand
+
+    m = expand(load(args.filename))  # an InferenceSet runs as its replicas' Workspaces
     if not m.resources:
         raise ManifestError(f"{args.filename} holds no Workspace or RAGEngine")
-    _warn(m)
+    _warn(m, True)
     runner = LocalRunner()
-    for line in runner.apply(m, cpu=args.cpu):
+    for line in runner.apply(m, cpu=args.cpu, nodes=args.nodes):
         out.print(escape(line))
     if args.wait:
         with err.status("waiting") as status:  # a spinner on a terminal, silent otherwise
@@ -148,15 +151,14 @@ def cmd_get(args: argparse.Namespace) -> int:
                   "URL", "AGE", box=None, pad_edge=False)
     for folder, rec in rows:
         state, conds = runner.conditions(folder, rec)
-        by = {c.type: c.status for c in conds}
+        by = {c["type"]: c["status"] for c in conds}
         res = yaml.safe_load((folder / "resource.yaml").read_text())
         instance = (res.get("resource") or (res.get("spec") or {}).get("compute") or {}).get("instanceType", "")
         if rec.cpu:
             instance = f"{instance} (cpu)"
-        ready = by.get("InferenceReady", by.get("ServiceReady", ""))
-        table.add_row(rec.kind, rec.name, instance, by.get("ResourceReady", ""), ready, by.get("JobStarted", ""),
-                      by.get("WorkspaceSucceeded", by.get("RAGEngineSucceeded", "")), state, rec.url or "",
-                      _age(rec.started))
+        ready = by.get(st.INFERENCE_READY, by.get(st.SERVICE_READY, ""))
+        table.add_row(rec.kind, rec.name, instance, by.get(st.RESOURCE_READY, ""), ready, by.get(st.JOB_STARTED, ""),
+                      by.get(st.SUCCEEDED[rec.kind], ""), state, rec.url or "", _age(rec.started))
     out.print(table)
     return 0
 
@@ -164,12 +166,16 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     runner = LocalRunner()
     folder, record = runner.find(args.name, args.kind, args.namespace)
-    log = folder / "log"
+    pods = {0: record, **{w.rank: w for w in record.workers}}
+    if args.pod not in pods:
+        raise LocalError(f"{args.name} has {len(pods)} pod(s): --pod 0 to {len(pods) - 1}")
+    pod = pods[args.pod]
+    log = folder / (f"log-{args.pod}" if args.pod else "log")
     with open(log, "rb") as f:
         lines = f.read().decode(errors="replace").splitlines(keepends=True)
         sys.stdout.write("".join(lines[-args.tail:] if args.tail else lines))
         sys.stdout.flush()
-        while args.follow and runner.alive(record):
+        while args.follow and runner.alive(pod):
             chunk = f.read()
             if chunk:
                 sys.stdout.write(chunk.decode(errors="replace"))
@@ -182,7 +188,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     runner = LocalRunner()
     if args.filename:
-        targets = [(r.kind, r.namespace, r.name) for r in load(args.filename).resources]
+        from .inferenceset import expand
+
+        targets = [(r.kind, r.namespace, r.name) for r in expand(load(args.filename)).resources]
     elif args.name:
         _, rec = runner.find(args.name, args.kind, args.namespace)
         targets = [(rec.kind, rec.namespace, rec.name)]
@@ -199,12 +207,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def own_nodes(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--no-auto-provision", dest="auto_provision", action="store_false",
+                        help="as for an operator that uses your own GPU nodes (instanceType optional, partitions)")
+
     v = sub.add_parser("validate", help="check Workspaces / RAGEngines in a file")
     v.add_argument("-f", "--filename", required=True, help="manifest file (- for stdin)")
+    own_nodes(v)
     v.set_defaults(func=cmd_validate)
 
     r = sub.add_parser("render", help="print the Kubernetes objects the resources become")
     r.add_argument("-f", "--filename", required=True, help="manifest file (- for stdin)")
+    own_nodes(r)
     r.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     r.add_argument("--registry", help="image registry of kaito-serve/-tune/-rag (default ghcr.io/kaito-project/kaito)")
     r.add_argument("--tag", help="image tag (default: this kaito's version)")
@@ -230,6 +244,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--provisioner", choices=["none", "azure"], default=os.environ.get("KAITO_PROVISIONER", "none"),
                    help="turn NodeClaims into cloud capacity here (azure), or leave them to Karpenter (none)")
     o.add_argument("--resync", type=float, default=30.0, help="seconds between reconciles of an unchanged resource")
+    o.add_argument("--workers", type=int, default=16,
+                   help="resources reconciled at once (never one resource twice at once)")
     o.add_argument("-n", "--namespace", action="append", default=[],
                    help="watch only these namespaces (default: all)")
     o.add_argument("--leader-elect", action="store_true", help="one active replica, by a coordination.k8s.io Lease")
@@ -243,6 +259,14 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--tls-key", help="the webhook's PEM private key")
     o.add_argument("--registry", help="image registry of kaito-serve/-tune/-rag")
     o.add_argument("--tag", help="image tag (default: this kaito's version)")
+    o.add_argument("--scaler-port", type=int, default=0,
+                   help="serve KEDA's external scaler (gRPC) for InferenceSets on this port (0: off)")
+    o.add_argument("--scaler-address", default=os.environ.get("KAITO_SCALER_ADDRESS"),
+                   help="host:port KEDA reaches the scaler at, written into the ScaledObjects "
+                        "(default with --scaler-port: 127.0.0.1:PORT; env KAITO_SCALER_ADDRESS)")
+    o.add_argument("--gateway-api-inference-extension", dest="gateway", action="store_true",
+                   help="an InferencePool and endpoint picker per InferenceSet (Gateway API Inference Extension)")
+    o.add_argument("--epp-image", help="the endpoint picker's image (default: upstream KAITO's)")
     o.set_defaults(func=cmd_run)
 
     local = sub.add_parser("local", help="run resources on this machine, without a cluster")
@@ -250,6 +274,9 @@ def parser() -> argparse.ArgumentParser:
     a = lsub.add_parser("apply", help="start (or update) the resources in a file")
     a.add_argument("-f", "--filename", required=True)
     a.add_argument("--cpu", action="store_true", help="run on the CPU when the instance type's GPUs are missing")
+    a.add_argument("--nodes", type=int, metavar="N",
+                   help="with --cpu: spread an inference Workspace's model over N local pods (vLLM pipeline "
+                        "parallel), as a cluster spreads a model too big for one node")
     a.add_argument("--wait", action="store_true", help="wait until ready (inference, RAG) or finished (tuning)")
     a.add_argument("--timeout", type=float, default=600, help="seconds --wait waits (default %(default)s)")
     a.set_defaults(func=cmd_apply)
@@ -264,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "logs":
             s.add_argument("-f", "--follow", action="store_true")
             s.add_argument("--tail", type=int, default=0, help="last N lines")
+            s.add_argument("--pod", type=int, default=0, help="a multi-node Workspace's pod (0: the leader)")
         if name == "delete":
             s.add_argument("-f", "--filename")
         s.set_defaults(func=func)

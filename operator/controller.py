@@ -1,41 +1,69 @@
 """`kaito-operator run`: the cluster controller, on kopf and the `kubernetes` client.
 
-One kopf daemon per Workspace / RAGEngine keeps it reconciled: it renders the resource (render.py,
-pure), applies the objects idempotently (kube.Kube.apply: create, or patch what drifted; owner
-references cascade deletion), reads NodeClaims, nodes, pods and the workload, and writes the
-status (conditions, state, workerNodes, targetNodeCount). It runs again when the resource or an
-object it owns changes (kopf event handlers poke the daemon), every `resync` seconds (drift), and
-after a failure with exponential backoff. A finalizer deletes the resource's NodeClaims (and so
-their cloud capacity) before the resource goes.
+A reconcile reads as render -> apply -> observe -> state -> write: the resource is rendered (render.py,
+pure; the estimator sizes the model once), its objects applied (kube.Kube.apply: server-side apply as
+field manager `kaito`, skipped when nothing changed; owner references cascade deletion), the nodes,
+NodeClaims, pods and workload observed and the tuning or serving state decided (observe.py), and the status
+written when it changed (status.py: conditions as upstream names them, Events).
+
+Reads come from watch caches of slimmed objects (kube.slim): kopf indexes of nodes and ConfigMap
+versions, and watches of kaito's own objects, NodeClaims and pods (kube.Informer). A reconcile reads the
+API only for a ConfigMap its resource names at a version it has not read yet, and for Secrets, so a
+resync of a settled resource makes no request.
+
+kopf wiring: one daemon per Workspace / RAGEngine runs its reconciles, at most `workers` at once on a
+thread pool; it runs again when the resource or an object it owns changes (their watches poke it;
+kaito's own writes coming back do not), every `resync` seconds (drift), and after a failure with
+exponential backoff and jitter. The resources' node label selectors, kept as their events come, map
+node events to the resources to look again at, and tell which NodeClaims have lost their resource: one
+whose resource is still unknown ORPHAN_GRACE after it was seen (every NodeClaim is seen when the
+operator starts), and the API says is gone, is deleted; a resource deleted without its finalizer has its
+NodeClaims deleted at once. The finalizer deletes a resource's NodeClaims (and so their cloud capacity) before the
+resource goes.
 
 Without auto-provisioning (bring your own nodes) no NodeClaims are made: the nodes come from the
 resource's label selector, and their GPUs from the NVIDIA feature-discovery labels.
 """
-
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from kaito.presets import PresetError, get_sku
+from kaito.presets import PresetError
+from kaito.presets.estimator import memo
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ConflictError
 from prometheus_client import Counter, Gauge, Histogram
 
-from .api import Resource, Workspace
-from .kube import Kube, selector_string
+from . import status as st
+from .api import Workspace
+from .cluster import (
+    NODECLAIM,
+)
+from .kube import Informer, Kube, backoff, digest, selects, slim
 from .manifests import ManifestError, parse
+from .observe import (
+    Seen,
+    node_conditions,
+    own_nodes,
+    provisioned_nodes,
+    serving_state,
+    size_from_nodes,
+    tuning_state,
+)
 from .meta import API_VERSION, GROUP, VERSION
 from .render import RenderOptions, render
 from .validation import ValidationFailed
 
 log = logging.getLogger("kaito.operator")
 FINALIZER = "kaito.sh/finalizer"
-NODECLAIM = ("karpenter.sh/v1", "NodeClaim")
-GPU = "nvidia.com/gpu"
+LABELS = {"Workspace": "kaito.sh/workspace", "RAGEngine": "kaito.sh/ragengine"}  # on every object kaito makes
 
 RECONCILES = Counter("kaito_operator_reconciles_total", "Reconciles run", ["kind"])
 ERRORS = Counter("kaito_operator_reconcile_errors_total", "Reconciles that failed", ["kind"])
@@ -47,356 +75,91 @@ BY_STATE = Gauge("kaito_operator_resources", "Workspaces and RAGEngines by state
 class Config:
     auto_provision: bool = True  # False: bring your own nodes (found by the label selector)
     resync: float = 30.0  # seconds between reconciles of a resource nothing changed
-    gc_interval: float = 300.0  # seconds between looks for orphaned NodeClaims
     render: RenderOptions = field(default_factory=RenderOptions)
+    workers: int = 16  # reconciles at once (different resources; one resource is never reconciled twice at once)
+    namespaces: list[str] = field(default_factory=list)  # the namespaces watched (none: all)
 
 
-# --- what the cluster says ----------------------------------------------------------------------
+def _compute_of(body: Any) -> dict:
+    """A resource's `resource` (Workspace) or `spec.compute` (RAGEngine), as the API gives it."""
+    return (body.get("resource") if body["kind"] == "Workspace" else (body.get("spec") or {}).get("compute")) or {}
 
 
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+# --- reconcile ---------------------------------------------------------------------------------------------
 
 
-def _cond(obj: dict, type_: str) -> dict | None:
-    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
+def reconcile(kube: Kube, cfg: Config, body: dict, seen: Seen) -> str | None:
+    """Bring one resource (`body`, as the watch last showed it) to its rendered objects and write its status;
+    returns its state. The API is read only for a ConfigMap it names whose version was not read yet and
+    for Secrets; objects are written only when their render or a field kaito set changed."""
+    body = kube.latest(body)  # with its status as kaito last wrote it
+    kind, meta = body["kind"], body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
+        return None  # going, or new: kopf adds the finalizer first (and that change comes back here)
+    old = body.get("status") or {}
 
+    def write(state: str | None, conds: list[st.Cond], **extra: Any) -> str | None:
+        new = {**extra, "conditions": st.conditions(old.get("conditions"), conds, meta.get("generation"))}
+        if kind == "Workspace" and state:
+            new["state"] = state
+        st.write(kube, API_VERSION, kind, name, namespace, old, new, uid=meta.get("uid"),
+                 resource_version=meta.get("resourceVersion"))
+        return state
 
-def node_ready(node: dict) -> bool:
-    c = _cond(node, "Ready")
-    return bool(c and c.get("status") == "True")
-
-
-def node_gpus(node: dict) -> int:
-    cap = (node.get("status") or {}).get("capacity") or {}
+    # render
     try:
-        return int(cap.get(GPU, 0))
-    except ValueError:
-        return 0
-
-
-def classify_pod(pod: dict) -> tuple[str, str] | None:
-    """Why a pod cannot run: (reason, message) for image pulls, crash loops, OOM kills, scheduling,
-    evictions and failed containers; None when nothing is wrong (yet)."""
-    name = pod["metadata"]["name"]
-    status = pod.get("status") or {}
-    if status.get("reason") == "Evicted":
-        return "Evicted", f"pod {name} was evicted: {status.get('message', '')}".strip()
-    sched = _cond(pod, "PodScheduled")
-    if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
-        return "Unschedulable", f"pod {name} cannot be scheduled: {sched.get('message', '')}".strip()
-    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
-        c = cs.get("name")
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        terminated = (cs.get("state") or {}).get("terminated") or {}
-        last = (cs.get("lastState") or {}).get("terminated") or {}
-        if waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
-            image = cs.get("image", "its image")
-            return "ImagePullFailed", f"pod {name}: container {c} cannot pull {image}: {waiting.get('message') or waiting['reason']}"
-        if terminated.get("reason") == "OOMKilled" or (waiting.get("reason") == "CrashLoopBackOff"
-                                                       and last.get("reason") == "OOMKilled"):
-            return "OOMKilled", f"pod {name}: container {c} was killed for running out of memory (OOMKilled)"
-        if waiting.get("reason") == "CrashLoopBackOff":
-            code = f" (exit code {last['exitCode']})" if "exitCode" in last else ""
-            return "CrashLoopBackOff", f"pod {name}: container {c} keeps crashing{code}"
-        if terminated.get("exitCode", 0) != 0:
-            return "ContainerFailed", f"pod {name}: container {c} exited with code {terminated['exitCode']}" + (
-                f" ({terminated['reason']})" if terminated.get("reason") else "")
-    return None
-
-
-def claim_failure(claim: dict) -> str | None:
-    """A NodeClaim's cloud error (quota, SKU not available...), as the provisioner reported it."""
-    c = _cond(claim, "Launched")
-    if c and c.get("status") == "False" and c.get("reason") not in (None, "", "Pending", "Launching", "NotLaunched"):
-        return f"{claim['metadata']['name']}: {c.get('reason')}: {c.get('message', '')}".strip()
-    return None
-
-
-# --- reconcile ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Nodes:
-    ready: bool
-    reason: str
-    message: str
-    names: list[str]
-    failed: bool = False  # a cloud error, not just waiting
-    claims_ready: bool = False  # every NodeClaim says Ready (its node may still lack GPUs)
-
-
-def nodes_status(kube: Kube, cfg: Config, res: Resource, claims: list[dict], need: int) -> Nodes:
-    spec = res.resource if isinstance(res, Workspace) else res.spec.compute
-    preferred = list(spec.preferred_nodes or []) if spec else []
-    if not cfg.auto_provision:
-        sel = spec.label_selector if spec else None
-        query = selector_string(sel.match_labels, [e.dump() for e in sel.match_expressions or []]) if sel else ""
-        found = kube.list("v1", "Node", selector=query) if query else []
-        usable = [n for n in found if node_ready(n) and node_gpus(n) > 0]
-        names = sorted(n["metadata"]["name"] for n in usable)[:need]
-        msg = nfd_mismatch(usable, spec.instance_type if spec else None)
-        if len(usable) < need:
-            return Nodes(False, "NodesNotFound", f"{len(usable)} of {need} ready GPU nodes match the label selector "
-                                                 f"{query!r}" + (f"; {msg}" if msg else ""), names)
-        if msg:
-            return Nodes(False, "GPUMismatch", msg, names, failed=True)
-        return Nodes(True, "NodesReady", f"{need} GPU node(s) match the label selector (bring your own nodes)", names)
-    names, waiting = [], []
-    claims_ready = True
-    for claim in claims:
-        live = kube.get(*NODECLAIM, claim["metadata"]["name"])
-        if live is None:
-            waiting.append(f"{claim['metadata']['name']} not created")
-            claims_ready = False
-            continue
-        if err := claim_failure(live):
-            return Nodes(False, "NodeClaimFailed", err, names, failed=True)
-        ready = _cond(live, "Ready")
-        node_name = (live.get("status") or {}).get("nodeName")
-        if not (ready and ready.get("status") == "True" and node_name):
-            waiting.append(f"{live['metadata']['name']} not ready")
-            claims_ready = False
-            continue
-        names.append(node_name)
-    for name in preferred:
-        names.append(name)
-    for name in names:
-        node = kube.get("v1", "Node", name)
-        if node is None or not node_ready(node):
-            waiting.append(f"node {name} not ready")
-        elif node_gpus(node) == 0:
-            waiting.append(f"node {name} reports no {GPU} capacity yet")
-    if waiting:
-        return Nodes(False, "NodesPending", "; ".join(waiting[:3]) + (" ..." if len(waiting) > 3 else ""), names,
-                     claims_ready=claims_ready)
-    return Nodes(True, "NodesReady", f"{len(names)} GPU node(s) ready", sorted(names), claims_ready=True)
-
-
-# NVIDIA feature discovery reports the usable GPU memory in MiB, the catalogue the advertised size
-# (an "80 GB" H100 SXM shows 81559 MiB, a 16 GB T4 15360, a 24 GB A10 23028): this much below still matches.
-GPU_MEMORY_TOLERANCE = 0.15
-
-
-def nfd_mismatch(nodes: list[dict], instance_type: str | None) -> str | None:
-    """Bring-your-own nodes: the NVIDIA feature-discovery labels (gpu.count, gpu.memory in MiB) must give
-    at least the GPUs and GPU memory of the instance type the resource was sized for."""
-    if not instance_type:
-        return None
-    try:
-        sku = get_sku(instance_type)
-    except PresetError:
-        return None
-    for n in nodes:
-        labels = n["metadata"].get("labels") or {}
-        try:
-            count = int(labels.get("nvidia.com/gpu.count", node_gpus(n)))
-            mem_gib = int(labels["nvidia.com/gpu.memory"]) * count / 1024 if "nvidia.com/gpu.memory" in labels else None
-        except ValueError:
-            continue
-        if count < sku.gpu_count or (mem_gib is not None and mem_gib < sku.gpu_memory_gib * (1 - GPU_MEMORY_TOLERANCE)):
-            have = f"{count} x {labels.get('nvidia.com/gpu.product', 'GPU')}" + (
-                f" ({mem_gib:.0f} GiB)" if mem_gib is not None else "")
-            return (f"node {n['metadata']['name']} has {have}, less than {instance_type} "
-                    f"({sku.gpu_count} x {sku.gpu_model}, {sku.gpu_memory_gib:.0f} GiB)")
-    return None
-
-
-def sku_from_labels(labels: dict[str, str]) -> str | None:
-    """The catalogue instance type whose GPUs match a node's NVIDIA feature-discovery labels
-    (`nvidia.com/gpu.product` e.g. NVIDIA-A100-SXM4-80GB, `gpu.count`, `gpu.memory` in MiB)."""
-    from kaito.presets import catalogue
-
-    product = labels.get("nvidia.com/gpu.product", "").upper().replace("_", "-").split("-")
-    try:
-        count = int(labels.get("nvidia.com/gpu.count", "0"))
-        per_gpu = int(labels["nvidia.com/gpu.memory"]) / 1024 if "nvidia.com/gpu.memory" in labels else None
-    except ValueError:
-        return None
-    fits = [s for s in catalogue.skus() if s.gpu_model.upper() in product and s.gpu_count == count]
-    if per_gpu is not None:
-        fits = [s for s in fits
-                if abs(s.gpu_memory_per_gpu_gib - per_gpu) <= GPU_MEMORY_TOLERANCE * s.gpu_memory_per_gpu_gib]
-        fits.sort(key=lambda s: abs(s.gpu_memory_per_gpu_gib - per_gpu))
-    return fits[0].name if fits else None
-
-
-def size_from_nodes(kube: Kube, ws: Workspace) -> str | tuple[str, str]:
-    """Bring your own nodes without instanceType: the instance type the selected nodes' GPUs match,
-    or (reason, message) when there is none yet."""
-    sel = ws.resource.label_selector
-    query = selector_string(sel.match_labels, [e.dump() for e in sel.match_expressions or []]) if sel else ""
-    nodes = [n for n in (kube.list("v1", "Node", selector=query) if query else []) if node_ready(n) and node_gpus(n)]
-    if not nodes:
-        return "NodesNotFound", (f"no ready GPU node matches the label selector {query!r} (its NVIDIA labels "
-                                 "size the Workspace when instanceType is not given)")
-    labels = nodes[0]["metadata"].get("labels") or {}
-    sku = sku_from_labels(labels)
-    if sku is None:
-        product = labels.get("nvidia.com/gpu.product", "no nvidia.com/gpu.product label")
-        return "GPUUnknown", (f"node {nodes[0]['metadata']['name']} has {labels.get('nvidia.com/gpu.count', '?')} x "
-                              f"{product}, which matches no known instance type: set resource.instanceType")
-    return sku
-
-
-def pod_problem(kube: Kube, ns: str, selector: dict[str, str]) -> tuple[str, str] | None:
-    for pod in kube.list("v1", "Pod", ns, selector_string(selector)):
-        if found := classify_pod(pod):
-            return found
-    return None
-
-
-def conditions(old: list[dict], new: list[tuple[str, bool, str, str]], generation: int | None) -> list[dict]:
-    """Conditions with lastTransitionTime kept while the status stays the same."""
-    before = {c["type"]: c for c in old or []}
-    out = []
-    for type_, ok, reason, message in new:
-        status = "True" if ok else "False"
-        prev = before.get(type_)
-        since = prev["lastTransitionTime"] if prev and prev.get("status") == status and prev.get(
-            "lastTransitionTime") else now()
-        out.append({"type": type_, "status": status, "reason": reason, "message": message[:1000],
-                    "lastTransitionTime": since, "observedGeneration": generation})
-    return out
-
-
-def _same(a: dict, b: dict) -> bool:
-    def strip(s: dict) -> dict:
-        return {**s, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"}
-                                    for c in s.get("conditions") or []]}
-    return strip(a) == strip(b)
-
-
-def reconcile(kube: Kube, cfg: Config, kind: str, namespace: str, name: str) -> str | None:
-    """Bring one resource to its rendered objects and write its status; returns its state."""
-    body = kube.get(API_VERSION, kind, name, namespace)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return None
-    meta = body["metadata"]
-    old_status = body.get("status") or {}
-    generation = meta.get("generation")
-    conds: list[tuple[str, bool, str, str]] = []
-    status: dict[str, Any] = {}
-
-    def lookup(k: str, n: str) -> dict | None:
-        return kube.get("v1", k, n, namespace)
-
-    try:
-        res = parse({k: v for k, v in body.items() if k != "status"}, f"{kind} {namespace}/{name}")
+        res = parse(body, f"{kind} {namespace}/{name}")  # with its status: a recorded targetNodeCount is kept
         if isinstance(res, Workspace) and not res.resource.instance_type and not cfg.auto_provision:
-            sized = size_from_nodes(kube, res)
+            sized = size_from_nodes(seen, res)
             if isinstance(sized, tuple):  # no node to size from yet, or GPUs kaito does not know
-                conds = [("ResourceReady", False, *sized), ("WorkspaceSucceeded", False, *sized)]
-                status = {"state": "Pending" if sized[0] == "NodesNotFound" else "NotReady",
-                          "conditions": conditions(old_status.get("conditions"), conds, generation)}
-                _write(kube, kind, namespace, name, old_status, status)
-                return status["state"]
+                state = "Pending" if sized[0] == "NodesNotFound" else "NotReady"
+                return write(state, [st.Cond(st.RESOURCE_READY, False, *sized), st.Cond(st.SUCCEEDED[kind], False,
+                                                                                        *sized)])
             res.resource.instance_type = sized
-        objects = render(res, lookup, cfg.render)
+        with memo():  # validation, the plan and the engine flags size the model once
+            objects = render(res, kube.lookup(namespace, seen.config_maps), cfg.render)
     except (ManifestError, ValidationFailed, PresetError) as e:
-        reason = "InvalidWorkspace" if kind == "Workspace" else "InvalidRAGEngine"
-        first = "ResourceReady"
-        final = "WorkspaceSucceeded" if kind == "Workspace" else "RAGEngineSucceeded"
-        conds = [(first, False, reason, str(e)), (final, False, reason, str(e))]
-        status = {"conditions": conditions(old_status.get("conditions"), conds, generation)}
-        if kind == "Workspace":
-            status["state"] = "Failed" if body.get("tuning") else "NotReady"
-        _write(kube, kind, namespace, name, old_status, status)
-        return status.get("state", "Failed")
-    claims = [o for o in objects if o["kind"] == "NodeClaim"]
-    workload = [o for o in objects if o["kind"] != "NodeClaim"]
-    if not cfg.auto_provision:
-        claims = []
-    for obj in claims + workload:
-        kube.apply(obj, create_first=not old_status)  # no status yet: a new resource, its objects likely absent
+        reason = f"Invalid{kind}"
+        state = ("Failed" if body.get("tuning") else "NotReady") if kind == "Workspace" else "Failed"
+        return write(state, [st.Cond(st.RESOURCE_READY, False, reason, str(e)),
+                             st.Cond(st.SUCCEEDED[kind], False, reason, str(e))])
 
-    if isinstance(res, Workspace):
-        need = _node_count(res, workload)
-        if old_status.get("targetNodeCount") is None:
-            status["targetNodeCount"] = need
-    else:
-        need = res.spec.compute.count if res.spec.compute else 1
-    nodes = nodes_status(kube, cfg, res, claims, need)
-    status["workerNodes"] = nodes.names
-    if cfg.auto_provision:
-        conds.append(("NodeClaimReady", nodes.claims_ready, "NodeClaimsReady" if nodes.claims_ready else nodes.reason,
-                      f"{len(claims)} NodeClaim(s) ready" if nodes.claims_ready else nodes.message))
-    conds.append(("ResourceReady", nodes.ready, nodes.reason, nodes.message))
-    selector = {("kaito.sh/workspace" if kind == "Workspace" else "kaito.sh/ragengine"): name}
-    state: str
+    # apply
+    claims = [o for o in objects if o["kind"] == "NodeClaim"] if cfg.auto_provision else []
+    workload = [o for o in objects if o["kind"] != "NodeClaim"]
+    live = {(o["kind"], o["metadata"]["name"]): kube.apply(o, seen.objects) for o in claims + workload}
+
+    # observe
+    need = _node_count(workload) if isinstance(res, Workspace) else ((res.spec.compute.count or 1) if res.spec.compute
+                                                                     else 1)
+    nodes = (provisioned_nodes(seen, res, [live[("NodeClaim", c["metadata"]["name"])] for c in claims])
+             if cfg.auto_provision else own_nodes(seen, res, need))
+
+    # state
     if isinstance(res, Workspace) and res.tuning is not None:
-        job = kube.get("batch/v1", "Job", name, namespace)
-        started = job is not None
-        conds.append(("JobStarted", started, "JobCreated" if started else "JobPending",
-                      f"job {name} created" if started else "waiting for the job"))
-        js = (job or {}).get("status") or {}
-        problem = pod_problem(kube, namespace, selector) if job else None
-        if js.get("succeeded"):
-            state, ok, reason, msg = "Succeeded", True, "TuningSucceeded", f"job {name} completed"
-        elif js.get("failed") or (_cond(job or {}, "Failed") or {}).get("status") == "True":
-            detail = problem[1] if problem else (_cond(job or {}, "Failed") or {}).get("message", "the pod failed")
-            state, ok, reason = "Failed", False, problem[0] if problem else "JobFailed"
-            msg = f"job {name} failed: {detail}"
-        elif nodes.failed:
-            state, ok, reason, msg = "Failed", False, nodes.reason, nodes.message
-        elif problem and problem[0] in ("ImagePullFailed", "Unschedulable", "Evicted"):
-            state, ok, reason, msg = "Pending", False, problem[0], problem[1]
-        elif js.get("active") and nodes.ready:
-            state, ok, reason, msg = "Running", False, "TuningRunning", f"job {name} is running"
-        else:
-            state, ok, reason, msg = "Pending", False, "TuningPending", nodes.message if not nodes.ready else \
-                f"job {name} is starting"
-        conds.append(("WorkspaceSucceeded", ok, reason, msg))
+        state, conds = tuning_state(seen, res, live.get(("Job", name)), nodes)
     else:
         wl = next(o for o in workload if o["kind"] in ("StatefulSet", "Deployment"))
-        live = kube.get("apps/v1", wl["kind"], wl["metadata"]["name"], namespace) or {}
-        want = wl["spec"].get("replicas", 1)
-        ready_n = ((live.get("status") or {}).get("readyReplicas") or 0)
-        ok = nodes.ready and ready_n >= want
-        problem = None if ok or not nodes.ready else pod_problem(kube, namespace, selector)
-        if ok:
-            reason, msg = "Ready", f"{ready_n}/{want} pods ready"
-        elif problem:
-            reason, msg = problem
-        elif not nodes.ready:
-            reason, msg = "WaitingForNodes", nodes.message
-        else:
-            reason, msg = "PodsNotReady", f"{ready_n}/{want} pods ready"
-        failed = bool(problem) or nodes.failed
-        state = "Ready" if ok else ("NotReady" if failed else "Pending")
-        if isinstance(res, Workspace):
-            conds.append(("InferenceReady", ok, reason, msg))
-            conds.append(("WorkspaceSucceeded", ok, "WorkspaceSucceeded" if ok else (
-                "WorkspaceNotReady" if failed else "WorkspacePending"), msg))
-        else:
-            conds.append(("ServiceReady", ok, reason, msg))
-            conds.append(("RAGEngineSucceeded", ok, "RAGEngineSucceeded" if ok else (
-                "RAGEngineNotReady" if failed else "RAGEnginePending"), msg))
-    if isinstance(res, Workspace):
-        status["state"] = state
-    status["conditions"] = conditions(old_status.get("conditions"), conds, generation)
-    _write(kube, kind, namespace, name, old_status, status)
+        state, conds = serving_state(seen, res, wl, live[(wl["kind"], wl["metadata"]["name"])], nodes)
+
+    # write
+    extra: dict[str, Any] = {"workerNodes": nodes.names}
+    if isinstance(res, Workspace) and old.get("targetNodeCount") is None:
+        extra["targetNodeCount"] = need  # set once, immutable after (as upstream's estimator writes it)
+    write(state, node_conditions(cfg.auto_provision, nodes, claims) + conds, **extra)
     return state
 
 
-def _node_count(ws: Workspace, workload: list[dict]) -> int:
+def _node_count(workload: list[dict]) -> int:
     """The estimator's node count (the StatefulSet's replicas), the template's count, or 1 for tuning."""
-    for o in workload:
-        if o["kind"] in ("StatefulSet", "Deployment"):
-            return o["spec"]["replicas"]
-    return 1
-
-
-def _write(kube: Kube, kind: str, ns: str, name: str, old: dict, new: dict) -> None:
-    merged = {**old, **new}
-    if _same(merged, old):
-        return
-    kube.patch_status(API_VERSION, kind, name, ns, new)
+    return next((o["spec"]["replicas"] for o in workload if o["kind"] in ("StatefulSet", "Deployment")), 1)
 
 
 def cleanup(kube: Kube, kind: str, namespace: str, name: str) -> int:
     """Delete the resource's NodeClaims (cluster scoped, so not owned); returns how many remain."""
-    label = "kaito.sh/workspace" if kind == "Workspace" else "kaito.sh/ragengine"
+    label = LABELS[kind]
     remaining = kube.list(*NODECLAIM, selector=f"{label}={name},{label}namespace={namespace}")
     for claim in remaining:
         if not claim["metadata"].get("deletionTimestamp"):
@@ -404,143 +167,322 @@ def cleanup(kube: Kube, kind: str, namespace: str, name: str) -> int:
     return len(remaining)
 
 
-def orphan_claims(kube: Kube) -> list[str]:
-    """Delete kaito's NodeClaims whose Workspace / RAGEngine no longer exists (its finalizer removed by
-    hand, or a crash between its cleanup and its deletion); returns their names."""
-    gone = []
-    for kind, label in (("Workspace", "kaito.sh/workspace"), ("RAGEngine", "kaito.sh/ragengine")):
-        for claim in kube.list(*NODECLAIM, selector=label):
-            labels = claim["metadata"].get("labels") or {}
-            ns = labels.get(f"{label}namespace")
-            if ns and not claim["metadata"].get("deletionTimestamp") and kube.get(API_VERSION, kind, labels[label],
-                                                                                  ns) is None:
-                kube.delete(*NODECLAIM, claim["metadata"]["name"])
-                gone.append(claim["metadata"]["name"])
-    return gone
+def owner(labels: dict[str, str], namespace: str | None) -> tuple[str, str, str] | None:
+    """(kind, namespace, name) of the resource an object kaito made belongs to, from its labels (a
+    cluster-scoped NodeClaim, or the node Karpenter makes for it, names the namespace in a label too)."""
+    for kind, label in LABELS.items():
+        if label in labels and (namespace or f"{label}namespace" in labels):
+            return kind, namespace or labels[f"{label}namespace"], labels[label]
+    return None
 
 
-# --- kopf wiring --------------------------------------------------------------------------------
+class Backoffs:
+    """kopf's retries of its own failed API requests (settings.networking.error_backoffs: a 5xx, a 429, a
+    broken connection): kopf's 1, 1, 2, 3, 5, 8, 13 and 21 s, each with jitter (+-50%) so that what failed
+    together does not retry together. Iterated anew for every request."""
+
+    STEPS = (1, 1, 2, 3, 5, 8, 13, 21)
+
+    def __iter__(self):
+        return (step * random.uniform(0.5, 1.5) for step in self.STEPS)
+
+    def __len__(self) -> int:
+        return len(self.STEPS)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's change detection (the last-handled-configuration annotation) serves on.create/on.update/
+    on.resume handlers, which kaito does not have: every object reads as handled and unchanged, so kopf
+    writes no annotation (one request fewer per resource) and compares nothing."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return {}
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        pass
+
+
+# --- kopf wiring ---------------------------------------------------------------------------------------------
+
+WATCHED = (("v1", "Service"), ("v1", "ConfigMap"), ("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"),
+           ("batch/v1", "Job"), ("v1", "Pod"))  # kaito's in a namespace: what it writes there, and the pods
+ORPHAN_GRACE = 10.0  # seconds a NodeClaim's resource may be missing from the caches before the API is asked
 
 
 def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) -> None:
-    """The controller's handlers, in `registry` (kopf.run(registry=...))."""
+    """The controller's handlers, in `registry` (kopf.run(registry=...)).
+
+    Watch caches hold objects slimmed (kube.slim), on the event loop. kopf indexes, which kopf fills from
+    its first listing before any handler runs (their functions are async: kopf calls them on its loop, not
+    through a thread): `kaito_nodes` by name, `kaito_configmap_versions` (namespace -> each ConfigMap's
+    name and resourceVersion). The objects kaito made (NodeClaims too) and its pods come from watches of
+    their own (kube.Informer: the API server selects kaito's by label, where kopf would watch every pod
+    and Service and spend its bookkeeping on each event), kept by resource in `rendered` and `pods`; a
+    reconcile starts once they have listed. The resources' node label selectors are kept by their event
+    handler (`selectors`: an index would cost kopf a handler call per event). A NodeClaim whose resource
+    is not there is an orphan suspect: deleted when, ORPHAN_GRACE later, it is still not there and the
+    API says it is gone."""
     pokes: dict[tuple[str, str, str], asyncio.Event] = {}
-    generations: dict[tuple[str, str, str], Any] = {}
-    selectors: dict[tuple[str, str, str], tuple[dict, list]] = {}
+    rendered: dict[tuple[str, str, str], dict[tuple[str, str], dict]] = {}  # resource -> (kind, name) -> object
+    pods: dict[tuple[str, str, str], dict[str, dict]] = {}  # resource -> name -> pod
+    informers: list[Informer] = []
+    suspects: dict[str, tuple[float, tuple[str, str, str]]] = {}  # NodeClaim -> (since, its resource)
+    selectors: dict[tuple[str, str, str], tuple[dict, list]] = {}  # resource -> (matchLabels, matchExpressions)
+    collector: list[asyncio.Task] = []
     states: dict[tuple[str, str, str], str] = {}
+    nodes_seen: dict[str, str] = {}  # node name -> digest of what a reconcile reads of it
     kube_holder: list[Kube] = []
+    pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="kaito-reconcile")
+    workers = asyncio.Semaphore(cfg.workers)
 
     def kube() -> Kube:
         if not kube_holder:
-            kube_holder.append(kube_factory())
+            # a connection for each worker and handler thread, and each watch (held while it streams)
+            watches = len(WATCHED) * max(1, len(cfg.namespaces)) + len(LABELS)
+            kube_holder.append(kube_factory(connections=2 * cfg.workers + watches))
         return kube_holder[0]
 
     def poke(key: tuple[str, str, str]) -> None:
         if key in pokes:
             pokes[key].set()
 
-    def count_states() -> None:
-        BY_STATE.clear()
-        for (kind, _, _), state in states.items():
-            BY_STATE.labels(kind, state).inc()
+    def count(key: tuple[str, str, str], state: str | None) -> None:
+        """The resources-by-state gauge, moved by one resource's change."""
+        before = states.pop(key, None) if state is None else states.get(key)
+        if before == state:
+            return
+        if before:
+            BY_STATE.labels(key[0], before).dec()
+        if state:
+            states[key] = state
+            BY_STATE.labels(key[0], state).inc()
 
     @kopf.on.startup(registry=registry)
-    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def configure(settings: kopf.OperatorSettings, retry: int, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.posting.enabled = False
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
-        await asyncio.to_thread(kube)  # discovery once, before the handlers run
-        asyncio.get_running_loop().create_task(collect())
+        settings.networking.error_backoffs = Backoffs()
+        # the handlers' blocking calls (asyncio.to_thread: deletions, cleanups, orphan checks) get as many
+        # threads as the reconciles: a request retried after a backoff holds its thread meanwhile
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(cfg.workers, "kaito-handler"))
+        try:
+            k = await asyncio.to_thread(kube)  # discovery once, before the handlers run
+        except ApiException as e:  # the API failed past the client's retries: try again soon, not in kopf's 60 s
+            raise kopf.TemporaryError(f"discovery failed: {e.status} {e.reason}", delay=backoff(retry + 1, cap=30))
+        loop = asyncio.get_running_loop()
+        for api_version, kind in WATCHED:
+            for namespace in cfg.namespaces or [None]:
+                informers.append(Informer(k, api_version, kind, "app.kubernetes.io/managed-by=kaito", seen_pod
+                                          if kind == "Pod" else seen_object, loop, namespace).start())
+        for label in LABELS.values():  # cluster scoped; kaito's carry their resource's labels
+            informers.append(Informer(k, *NODECLAIM, label, seen_claim, loop).start())
+        collector.append(loop.create_task(collect_orphans()))
 
-    async def collect() -> None:
-        while True:
-            try:
-                if gone := await asyncio.to_thread(orphan_claims, kube()):
-                    log.info("deleted orphaned NodeClaims", extra={"nodeclaims": gone})
-            except Exception as e:  # noqa: BLE001 - tried again later
-                log.warning("orphaned NodeClaims not collected", extra={"error": str(e)[:300]})
-            await asyncio.sleep(cfg.gc_interval)
+    @kopf.on.cleanup(registry=registry)
+    async def stop(**_: Any) -> None:
+        for task in collector:
+            task.cancel()
+        for informer in informers:
+            informer.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
 
-    async def keep_reconciled(body: kopf.Body, stopped: kopf.DaemonStopped, logger: Any, **_: Any) -> None:
+    async def by_name(body: kopf.Body, **_: Any) -> dict:
+        return {body["metadata"]["name"]: slim(body)}
+
+    async def versions(body: kopf.Body, **_: Any) -> dict:
+        return {body["metadata"]["namespace"]: (body["metadata"]["name"], body["metadata"]["resourceVersion"])}
+
+    def observe(key: tuple[str, str, str], body: kopf.Body, indexes: dict[str, Any]) -> Seen:
+        """What the caches hold for one resource (on the event loop: kopf changes its indexes there)."""
+        namespace = key[1]
+        objects = dict(rendered.get(key, {}))
+        its_pods = list(pods.get(key, {}).values())
+        nodes = indexes["kaito_nodes"]
+        spec = _compute_of(body)
+        names = {*(spec.get("preferredNodes") or []), *((p.get("spec") or {}).get("nodeName") for p in its_pods),
+                 *((o.get("status") or {}).get("nodeName") for o in objects.values() if o["kind"] == "NodeClaim")}
+        seen = {name: node for name in names if name for node in nodes.get(name, ())}
+        sel = spec.get("labelSelector") or {}
+        if not cfg.auto_provision and (sel.get("matchLabels") or sel.get("matchExpressions")):
+            seen |= {name: node for name, found in nodes.items() for node in found
+                     if selects(node["metadata"].get("labels") or {}, sel.get("matchLabels"),
+                                sel.get("matchExpressions"))}
+        return Seen(objects, its_pods, seen, dict(indexes["kaito_configmap_versions"].get(namespace, ())))
+
+    async def keep_reconciled(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
         kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
         key = (kind, ns, name)
         event = pokes.setdefault(key, asyncio.Event())
-        backoff = 1.0
+        failures = 0
+        stopping = asyncio.ensure_future(stopped.wait())
         try:
             while not stopped:
                 event.clear()
-                generations[key] = body["metadata"].get("generation")
-                sel = (body.get("resource") if kind == "Workspace" else (body.get("spec") or {}).get("compute")) or {}
-                selectors[key] = ((sel.get("labelSelector") or {}).get("matchLabels") or {},
-                                  (sel.get("labelSelector") or {}).get("matchExpressions") or [])
-                t0 = time.perf_counter()
-                RECONCILES.labels(kind).inc()
-                try:
-                    state = await asyncio.to_thread(reconcile, kube(), cfg, kind, ns, name)
-                    if state:
-                        states[key] = state
-                        count_states()
-                    wait, backoff = cfg.resync, 1.0
-                except Exception as e:  # noqa: BLE001 - any failure is retried with backoff
-                    ERRORS.labels(kind).inc()
-                    log.warning("reconcile failed", extra={"kind": kind, "resource": f"{ns}/{name}",
-                                                           "error": str(e)[:500]})
-                    wait, backoff = backoff, min(backoff * 2, 300.0)
-                finally:
-                    DURATION.labels(kind).observe(time.perf_counter() - t0)
+                wait = cfg.resync
+                if FINALIZER in (body["metadata"].get("finalizers") or []):  # kopf adds it first; that pokes us
+                    wait, failures = await run(key, body, kwargs, failures)
                 waiter = asyncio.ensure_future(event.wait())
-                stopper = asyncio.ensure_future(stopped.wait())
-                await asyncio.wait([waiter, stopper], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([waiter, stopping], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                stopper.cancel()
         finally:
+            stopping.cancel()
             pokes.pop(key, None)
-            states.pop(key, None)
-            selectors.pop(key, None)
-            count_states()
+            count(key, None)
 
-    async def on_change(body: kopf.Body, **_: Any) -> None:
+    async def run(key: tuple[str, str, str], body: kopf.Body, indexes: dict[str, Any],
+                  failures: int) -> tuple[float, int]:
+        """One reconcile on the worker pool, the caches read as it starts; returns (seconds until the next,
+        failures in a row)."""
+        kind, ns, name = key
+        for informer in informers:
+            await informer.listed.wait()
+        async with workers:  # at most cfg.workers at once
+            t0 = time.perf_counter()
+            RECONCILES.labels(kind).inc()
+            try:
+                state = await asyncio.get_running_loop().run_in_executor(pool, reconcile, kube(), cfg, dict(body),
+                                                                         observe(key, body, indexes))
+                if state:
+                    count(key, state)
+                return cfg.resync * random.uniform(0.9, 1.1), 0  # resyncs spread out
+            except ConflictError:  # it changed while we looked: look again soon (that change pokes us too)
+                return random.uniform(0.1, 0.3), failures
+            except Exception as e:  # noqa: BLE001 - any failure is retried with backoff
+                ERRORS.labels(kind).inc()
+                wait = backoff(failures + 1)
+                log.warning("reconcile failed", extra={"kind": kind, "resource": f"{ns}/{name}",
+                                                       "retry_in_s": round(wait, 1), "error": str(e)[:500]})
+                return wait, failures + 1
+            finally:
+                DURATION.labels(kind).observe(time.perf_counter() - t0)
+
+    async def on_change(body: kopf.Body, type: str, **_: Any) -> None:
+        """The resource changed: keep its node label selector, and look again at it (unless it is its own
+        status write coming back); gone, also when its finalizer was removed by hand: its NodeClaims go too."""
         key = (body["kind"], body["metadata"]["namespace"], body["metadata"]["name"])
-        if body["metadata"].get("generation") != generations.get(key):
+        if type == "DELETED":
+            selectors.pop(key, None)
+            kube().forget(body)
+            await asyncio.to_thread(cleanup, kube(), *key)
+            return
+        sel = _compute_of(body).get("labelSelector") or {}
+        selectors[key] = (sel.get("matchLabels") or {}, sel.get("matchExpressions") or [])
+        if not kube().echo(body):
             poke(key)
 
-    async def on_owned(body: kopf.Body, **_: Any) -> None:
-        labels = body["metadata"].get("labels") or {}
-        for kind, label in (("Workspace", "kaito.sh/workspace"), ("RAGEngine", "kaito.sh/ragengine")):
-            if label in labels:
-                ns = body["metadata"].get("namespace") or labels.get(f"{label}namespace", "")
-                poke((kind, ns, labels[label]))
+    def keep(key: tuple[str, str, str] | None, obj: dict, type: str) -> bool:
+        """Keep an object kaito renders (slimmed) in the cache; whether it is news to its resource (not the
+        echo of kaito's own write)."""
+        if key is None:
+            return False
+        objects = rendered.setdefault(key, {})
+        if type == "DELETED":
+            objects.pop((obj["kind"], obj["metadata"]["name"]), None)
+            if not objects:
+                del rendered[key]
+            kube().forget(obj)
+            return True
+        objects[(obj["kind"], obj["metadata"]["name"])] = obj
+        return not kube().echo(obj)
 
-    async def on_node(body: kopf.Body, **_: Any) -> None:
-        await on_owned(body)
-        labels = body["metadata"].get("labels") or {}
-        for key, (match, exprs) in list(selectors.items()):
-            if (match or exprs) and all(labels.get(k) == v for k, v in match.items()):
+    def seen_object(type: str, obj: dict) -> None:
+        """An object kaito made in a namespace changed (or went): keep it, and look again at its resource."""
+        key = owner(obj["metadata"].get("labels") or {}, obj["metadata"].get("namespace"))
+        if keep(key, obj, type):
+            poke(key)  # type: ignore[arg-type]
+
+    def seen_pod(type: str, pod: dict) -> None:
+        if key := owner(pod["metadata"].get("labels") or {}, pod["metadata"].get("namespace")):
+            found = pods.setdefault(key, {})
+            if type == "DELETED":
+                found.pop(pod["metadata"]["name"], None)
+                if not found:
+                    del pods[key]
+            else:
+                found[pod["metadata"]["name"]] = pod
+            poke(key)
+
+    async def on_node(body: kopf.Body, type: str, **_: Any) -> None:
+        """A node changed what a reconcile reads of it: look again at the resources it may serve (its
+        NodeClaim's, and those whose label selector picks it)."""
+        name, labels = body["metadata"]["name"], body["metadata"].get("labels") or {}
+        view = digest({k: v for k, v in slim(body).items() if k != "metadata"} | {"labels": labels})
+        if type == "DELETED":
+            nodes_seen.pop(name, None)
+        elif nodes_seen.get(name) == view:
+            return
+        else:
+            nodes_seen[name] = view
+        if key := owner(labels, None):
+            poke(key)
+        for key, (match, exprs) in selectors.items():
+            if (match or exprs) and selects(labels, match, exprs):
                 poke(key)
 
-    async def on_delete(body: kopf.Body, **_: Any) -> None:
+    async def on_delete(body: kopf.Body, retry: int, **_: Any) -> None:
+        """Delete the resource's NodeClaims; retried by kopf until none is left (an API error that outlasted
+        the client's retries: after a jittered backoff, not kopf's default 60 s)."""
+        try:
+            await delete(body)
+        except ApiException as e:
+            raise kopf.TemporaryError(f"cleanup failed: {e.status} {e.reason}", delay=backoff(retry + 1, cap=30))
+
+    async def delete(body: kopf.Body) -> None:
         kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
         for _ in range(150):  # a reconcile still running could make a claim after the cleanup: let it end
             if (kind, ns, name) not in pokes:
                 break
             await asyncio.sleep(0.1)
-        left = await asyncio.to_thread(cleanup, kube(), kind, ns, name)
+        k = kube()
+        deleting = st.Cond(st.DELETING[kind], True, "Deleting", "deleting the resource's NodeClaims and objects")
+        old = ((await asyncio.to_thread(k.get, API_VERSION, kind, name, ns)) or body).get("status") or {}
+        await asyncio.to_thread(st.write, k, API_VERSION, kind, name, ns, old,
+                                {"conditions": st.conditions(old.get("conditions"),
+                                                             st.kept(old, st.DELETING[kind]) + [deleting])},
+                                uid=body["metadata"].get("uid"))
+        left = await asyncio.to_thread(cleanup, k, kind, ns, name)
         if left:
             raise kopf.TemporaryError(f"waiting for {left} NodeClaim(s) to go", delay=2)
 
-    for plural in ("workspaces", "ragengines"):
+    def seen_claim(type: str, claim: dict) -> None:
+        """A NodeClaim changed: keep it and look again at its resource; one whose resource the index lacks
+        (gone, or not listed by kopf yet) is an orphan suspect."""
+        key, name = owner(claim["metadata"].get("labels") or {}, None), claim["metadata"]["name"]
+        if keep(key, claim, type):
+            poke(key)  # type: ignore[arg-type]
+        if type == "DELETED" or claim["metadata"].get("deletionTimestamp") or key is None or key in selectors:
+            suspects.pop(name, None)
+        else:
+            suspects.setdefault(name, (time.monotonic(), key))
+
+    async def collect_orphans() -> None:
+        """Delete the NodeClaims whose resource is gone (deleted without its finalizer's cleanup, e.g. while
+        the operator was down): suspects for ORPHAN_GRACE that the index still lacks and the API confirms."""
+        while True:
+            await asyncio.sleep(ORPHAN_GRACE / 4)
+            for name, (since, key) in list(suspects.items()):
+                if key in selectors or time.monotonic() - since < ORPHAN_GRACE:
+                    continue
+                suspects.pop(name, None)
+                try:
+                    if await asyncio.to_thread(kube().get, API_VERSION, key[0], key[2], key[1]) is None:
+                        log.info("deleting an orphaned NodeClaim", extra={"nodeclaim": name, "owner": "/".join(key)})
+                        await asyncio.to_thread(kube().delete, *NODECLAIM, name)
+                except Exception as e:  # noqa: BLE001 - the next time it is seen, it is looked at again
+                    log.warning("orphan check failed", extra={"nodeclaim": name, "error": str(e)[:300]})
+
+    for kind, plural in (("workspace", "workspaces"), ("ragengine", "ragengines")):
         kopf.daemon(GROUP, VERSION, plural, registry=registry, id=f"reconcile-{plural}",
                     cancellation_timeout=10.0)(keep_reconciled)
         kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"changed-{plural}")(on_change)
         kopf.on.delete(GROUP, VERSION, plural, registry=registry, id=f"cleanup-{plural}")(on_delete)
-    owned = {"app.kubernetes.io/managed-by": "kaito"}
-    for group_version, plural in (("v1", "pods"), ("v1", "services"), ("v1", "configmaps"), ("apps/v1", "statefulsets"),
-                                  ("apps/v1", "deployments"), ("batch/v1", "jobs")):
-        group, _, version = group_version.rpartition("/")
-        kopf.on.event(group, version, plural, registry=registry, labels=owned,
-                      id=f"owned-{plural}")(on_owned)
-    kopf.on.event("karpenter.sh", "v1", "nodeclaims", registry=registry, id="owned-nodeclaims")(on_owned)
+    kopf.index("", "v1", "configmaps", registry=registry, id="kaito_configmap_versions")(versions)
+    kopf.index("", "v1", "nodes", registry=registry, id="kaito_nodes")(by_name)
     kopf.on.event("", "v1", "nodes", registry=registry, id="nodes")(on_node)

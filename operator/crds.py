@@ -7,12 +7,13 @@ optional fields as plain properties, `Any` mappings (pod templates, volume sourc
 
 from __future__ import annotations
 
+import copy
 from functools import cache
 from typing import Any
 
 import yaml
 
-from .api import API_VERSIONS, RAGEngine, Resource, Workspace
+from .api import API_VERSIONS, KINDS, Resource
 from .meta import GROUP, VERSION
 
 DROP = {"title", "default"}
@@ -79,7 +80,7 @@ def _openapi(model: type[Resource]) -> dict[str, Any]:
 
 def resource_schema(kind: str) -> dict[str, Any]:
     """The openAPIV3Schema of a kaito kind (for checking objects against it)."""
-    return _openapi({"Workspace": Workspace, "RAGEngine": RAGEngine}[kind])
+    return _openapi(KINDS[kind])
 
 
 def _condition_column(name: str) -> dict[str, str]:
@@ -101,18 +102,35 @@ PRINTER_COLUMNS = {
         _condition_column("ServiceReady"),
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ],
+    "InferenceSet": [
+        {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+        {"name": "ReadyReplicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
 }
 NAMES = {
     "Workspace": {"kind": "Workspace", "listKind": "WorkspaceList", "plural": "workspaces", "singular": "workspace",
                   "shortNames": ["wk", "wks"], "categories": ["workspace"]},
     "RAGEngine": {"kind": "RAGEngine", "listKind": "RAGEngineList", "plural": "ragengines", "singular": "ragengine",
                   "shortNames": ["rag"], "categories": ["ragengine"]},
+    "InferenceSet": {"kind": "InferenceSet", "listKind": "InferenceSetList", "plural": "inferencesets",
+                     "singular": "inferenceset", "shortNames": ["is", "isets"], "categories": ["inferenceset"]},
 }
+# The API server's defaults (pydantic's are dropped from the schema): the scale subresource reads spec.replicas
+DEFAULTS = {"InferenceSet": {"replicas": 1, "updateStrategy": {"type": "RollingUpdate",
+                                                               "rollingUpdate": {"maxUnavailable": 1}}}}
+SUBRESOURCES = {"InferenceSet": {"status": {}, "scale": {"specReplicasPath": ".spec.replicas",
+                                                         "statusReplicasPath": ".status.replicas",
+                                                         "labelSelectorPath": ".status.selector"}}}
 
 
 def crd(kind: str) -> dict[str, Any]:
     names = NAMES[kind]
     schema = resource_schema(kind)
+    if kind in DEFAULTS:
+        schema = copy.deepcopy(schema)
+        for name, value in DEFAULTS[kind].items():
+            schema["properties"]["spec"]["properties"][name]["default"] = value
     versions = []
     for api_version in API_VERSIONS:  # v1beta1 stored; v1alpha1 served with the same schema
         version = api_version.split("/")[1]
@@ -121,7 +139,7 @@ def crd(kind: str) -> dict[str, Any]:
             "served": True,
             "storage": version == VERSION,
             "schema": {"openAPIV3Schema": schema},
-            "subresources": {"status": {}},
+            "subresources": SUBRESOURCES.get(kind, {"status": {}}),
             "additionalPrinterColumns": PRINTER_COLUMNS[kind],
             **({} if version == VERSION else {"deprecated": True,
                                               "deprecationWarning": f"{GROUP}/{version} {kind} is deprecated; use "
@@ -136,7 +154,7 @@ def crd(kind: str) -> dict[str, Any]:
 
 
 def crds() -> list[dict[str, Any]]:
-    return [crd("Workspace"), crd("RAGEngine")]
+    return [crd(kind) for kind in NAMES]
 
 
 def crds_yaml() -> str:

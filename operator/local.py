@@ -6,57 +6,80 @@ pods. Each resource gets a folder under `$KAITO_HOME/local/<namespace>/<kind>/<n
 applied manifest, `record.json` (process id, port, URL), the log and, once the process ends, its
 exit code; so `get`, `logs` and `delete` in a later command find what `apply` started.
 
-Kubernetes-only inputs are refused with a clear message: images (adapters, data, output, embedding
-model) cannot be pulled here and persistent volume claims do not exist; use `hostPath` volume
-sources for local folders. A resource whose instance type needs GPUs this machine lacks is refused
+Adapter, dataset and embedding model images are pulled as the pods' init containers pull them
+(kaito.presets.oci, with the imagePullSecrets from the applied file) and a tuning output image is
+pushed by kaito-tune --push with the imagePushSecret. Kubernetes-only inputs are refused with a clear
+message: persistent volume claims do not exist (use `hostPath` volume sources for local folders).
+A resource whose instance type needs GPUs this machine lacks is refused
 unless `--cpu` asks to run it on the CPU.
+
+A Workspace whose model is spread over nodes (or any model, with `--nodes N`) runs with `--cpu` as
+one local "pod" per node: the StatefulSet pods' kaito-serve command, each with its rank in
+NODE_RANK_ENV as the pod index gives it, its own port, the leader at 127.0.0.1, and its share of
+this machine's CPUs (VLLM_CPU_OMP_THREADS_BIND, as a pod's CPU set); vLLM runs one pipeline stage in
+each. Worker pod N logs to `log-N` and writes `exit_code-N`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from filelock import FileLock
 from kaito.presets import kaito_home
+from kaito.presets.contract import (
+    DOCKER_CONFIG_ENV,
+    GUARDRAILS_POLICY_FILE,
+    HF_TOKEN_ENV,
+    INFERENCE_CONFIG_FILE,
+    NODE_RANK_ENV,
+    TUNE_METRICS_PORT_ENV,
+    TUNING_CONFIG_FILE,
+    TUNING_DONE_MARKER,
+    RAGEnvironment,
+)
 from pydantic import BaseModel
 
-from .api import Condition, RAGEngine, Resource, Workspace
-from .manifests import Manifests, parse
-from .render import (
-    RESULTS_DIR,
-    InferencePlan,
-    RAGPlan,
-    TuningPlan,
-    inference_config_text,
-    model_access_secret,
-    plan_inference,
-    plan_rag,
-    plan_tuning,
+from . import status as st
+from .api import RAGEngine, Resource, Workspace
+from .local_pods import (
+    LocalError,
+    cpu_shares,
+    docker_config,
+    ended,
+    exe,
+    free_port,
+    gpu_count,
+    host_path,
+    local_training_config,
+    pull_image,
+    secret_value,
+    spawn,
+    start_ticks,
 )
+from .manifests import Manifests, parse
+from .plan import InferencePlan, RAGPlan, TuningPlan, model_access_secret, plan_inference, plan_rag, plan_tuning
 from .validation import check
 
 log = logging.getLogger(__name__)
-BIN = Path(sys.executable).parent
-COMPLETED_MARKER = "fine_tuning_completed.txt"
-EXTRAS = {"kaito-serve": "hf", "kaito-tune": "tune", "kaito-rag": "rag"}
+class WorkerPod(BaseModel):
+    """A worker pod (node rank 1 and up) of a Workspace spread over nodes: a kaito-serve process group."""
 
-
-class LocalError(RuntimeError):
-    """What the local runner cannot do, and what to do instead."""
+    rank: int
+    command: list[str]
+    pid: int
+    start_ticks: int
+    port: int
 
 
 class Record(BaseModel):
@@ -73,42 +96,7 @@ class Record(BaseModel):
     cpu: bool
     spec_hash: str
     output_dir: str | None = None
-
-
-def gpu_count() -> int:
-    """GPUs nvidia-smi lists (0 without an NVIDIA driver)."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return 0
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # exited, not yet reaped
-        return None
-    return int(fields[19])
-
-
-def _exe(name: str) -> str:
-    exe = shutil.which(name, path=str(BIN)) or shutil.which(name)
-    if not exe:
-        raise LocalError(f"{name} is not installed here: pip install 'kaito[{EXTRAS[name]}]'")
-    return exe
+    workers: list[WorkerPod] = []  # pod 0 (the leader) is pid/command/port above
 
 
 def _spec_hash(resource: Resource) -> str:
@@ -146,13 +134,15 @@ class LocalRunner:
 
     # --- apply -------------------------------------------------------------------------------
 
-    def apply(self, manifests: Manifests, *, cpu: bool = False) -> list[str]:
+    def apply(self, manifests: Manifests, *, cpu: bool = False, nodes: int | None = None) -> list[str]:
         """Start (or restart, when changed) every resource in `manifests`; workspaces first, so a
-        RAGEngine can be pointed at them. Returns one line per resource, kubectl-style."""
+        RAGEngine can be pointed at them. `nodes` (with `cpu`): spread each inference Workspace's model
+        over that many local pods, even one that fits on one node. Returns one line per resource,
+        kubectl-style."""
         out = []
         for res in sorted(manifests.resources, key=lambda r: isinstance(r, RAGEngine)):
             with self._lock(res.kind, res.namespace, res.name):
-                out.append(self._apply_one(res, manifests, cpu))
+                out.append(self._apply_one(res, manifests, cpu, nodes))
         return out
 
     def _lock(self, kind: str, namespace: str, name: str) -> FileLock:
@@ -161,27 +151,29 @@ class LocalRunner:
         locks.mkdir(parents=True, exist_ok=True)
         return FileLock(str(locks / f"{namespace}.{kind.lower()}.{name}.lock"))
 
-    def _apply_one(self, res: Resource, manifests: Manifests, cpu: bool) -> str:
-        lookup = lambda kind, name: manifests.find(kind, name)
+    def _apply_one(self, res: Resource, manifests: Manifests, cpu: bool, nodes: int | None = None) -> str:
+        lookup = manifests.find
         folder = self.folder(res.kind, res.namespace, res.name)
         old = self._existing(folder)
         action = "created"
         if old is not None:
             old_res, record = old
-            if record.spec_hash == _spec_hash(res) and self.phase(folder, record)[0] != "Failed":
+            same_nodes = nodes is None or record.role != "inference" or len(record.workers) + 1 == nodes
+            if record.spec_hash == _spec_hash(res) and same_nodes and self.phase(folder, record)[0] != "Failed":
                 return f"{res.kind.lower()}.kaito.sh/{res.name} unchanged"
             check(res, old_res, lookup)  # immutable fields
             self._stop(folder, record)
             action = "configured"
         check(res, lookup=lookup)
         try:
-            record = self._start(res, manifests, folder, cpu)
+            record = self._start(res, manifests, folder, cpu, nodes)
         except Exception:
             if not (folder / "record.json").is_file():  # refused before it started: leave nothing behind
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         where = f" on {record.url}" if record.url else ""
-        return f"{res.kind.lower()}.kaito.sh/{res.name} {action} ({Path(record.command[0]).name}{where})"
+        pods = f", {len(record.workers) + 1} pods" if record.workers else ""
+        return f"{res.kind.lower()}.kaito.sh/{res.name} {action} ({Path(record.command[0]).name}{where}{pods})"
 
     def _existing(self, folder: Path) -> tuple[Resource, Record] | None:
         try:
@@ -191,32 +183,50 @@ class LocalRunner:
             return None
         return resource, record
 
-    def _start(self, res: Resource, manifests: Manifests, folder: Path, cpu: bool) -> Record:
-        lookup = lambda kind, name: manifests.find(kind, name)
+    def _start(self, res: Resource, manifests: Manifests, folder: Path, cpu: bool, nodes: int | None = None
+               ) -> Record:
+        lookup = manifests.find
         work = folder / "work"
         env = dict(os.environ)
         output_dir = None
         port: int | None = None
+        pods: list[tuple[list[str], dict[str, str], int]] = []  # worker pods: command, environment, port
         if isinstance(res, Workspace) and res.tuning is not None:
             plan = plan_tuning(res, lookup)
             self._check_gpus(plan.sku, 1, cpu, res)
             work.mkdir(parents=True, exist_ok=True)
-            command, output_dir = self._tuning_command(plan, work)
-            env["KAITO_TUNE_METRICS_PORT"] = str(_free_port())  # its metrics endpoint, off the default 5000
+            command, output_dir = self._tuning_command(plan, work, manifests)
+            if plan.output.image:  # kaito-tune --push, with the push secret as its Docker config
+                env[DOCKER_CONFIG_ENV] = str(docker_config(manifests, plan.output.image_push_secret or "",
+                                                           work / "push-secret"))
+            env[TUNE_METRICS_PORT_ENV] = str(free_port())  # its metrics endpoint, off the pod's port
             role = "tuning"
         elif isinstance(res, Workspace):
             if res.inference is not None and res.inference.template is not None:
                 raise LocalError(f"workspace {res.name}: a pod template runs only in a cluster; the local runner "
                                  "runs presets")
             plan_i = plan_inference(res, lookup)
+            if nodes:
+                if not cpu:
+                    raise LocalError("--nodes spreads the model over local pods on the CPU: add --cpu")
+                plan_i = replace(plan_i, estimate=plan_i.estimate.model_copy(update={"node_count": nodes}))
             if plan_i.node_count > 1 and not cpu:
                 raise LocalError(f"workspace {res.name}: {plan_i.preset.name} needs {plan_i.node_count} nodes of "
                                  f"{plan_i.sku.name}; the local runner runs on one machine (--cpu runs it on the "
-                                 "CPU, if it fits in memory)")
+                                 f"CPU as {plan_i.node_count} local pods, if it fits in memory)")
             self._check_gpus(plan_i.sku, plan_i.node_count, cpu, res)
             work.mkdir(parents=True, exist_ok=True)
-            port = _free_port()
-            command = self._serve_command(plan_i, work, cpu) + ["--host", "127.0.0.1", "--port", str(port)]
+            port = free_port()
+            serve = self._serve_command(plan_i, work, cpu, manifests)
+            command = serve + ["--host", "127.0.0.1", "--port", str(port)]
+            if plan_i.node_count > 1:
+                env.update(VLLM_HOST_IP="127.0.0.1")  # vLLM's own address, which the other pods connect to
+                cpus = cpu_shares(plan_i.node_count)
+                env["VLLM_CPU_OMP_THREADS_BIND"], env[NODE_RANK_ENV] = cpus[0], "0"
+                for rank in range(1, plan_i.node_count):
+                    pod_port = free_port()
+                    pods.append((serve + ["--host", "127.0.0.1", "--port", str(pod_port)],
+                                 {**env, "VLLM_CPU_OMP_THREADS_BIND": cpus[rank], NODE_RANK_ENV: str(rank)}, pod_port))
             role = "inference"
         else:
             assert isinstance(res, RAGEngine)
@@ -224,27 +234,23 @@ class LocalRunner:
             if plan_r.sku is not None:
                 self._check_gpus(plan_r.sku, 1, cpu, res)
             work.mkdir(parents=True, exist_ok=True)
-            port = _free_port()
-            env.update(self._rag_env(plan_r, manifests, work))
-            command = [_exe("kaito-rag"), "--host", "127.0.0.1", "--port", str(port)]
+            port = free_port()
+            env.update(self._rag_env(plan_r, manifests, work, cpu))
+            command = [exe("kaito-rag"), "--host", "127.0.0.1", "--port", str(port)]
             role = "rag"
         if isinstance(res, Workspace) and (secret := model_access_secret(res)):  # gated presets
-            env["HF_TOKEN"] = _secret_value(manifests, secret, "HF_TOKEN")
+            env[HF_TOKEN_ENV] = secret_value(manifests, secret, HF_TOKEN_ENV)
         (folder / "resource.yaml").write_text(yaml.safe_dump(res.dump(), sort_keys=False))
-        (folder / "exit_code").unlink(missing_ok=True)
-        # sh waits for the entry point and writes its exit code, so a later `get` can tell a crash
-        # from a clean exit; the new session makes it a process group `delete` can stop as a whole
-        wrapper = ["/bin/sh", "-c", '"$@"; echo $? > "$KAITO_EXIT_FILE"', "kaito-local", *command]
-        env["KAITO_EXIT_FILE"] = str(folder / "exit_code")
-        with open(folder / "log", "ab") as log_file:
-            proc = subprocess.Popen(wrapper, cwd=work, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        pid = spawn(command, env, work, folder, "")
+        workers = [WorkerPod(rank=rank, command=cmd, pid=(p := spawn(cmd, pod_env, work, folder, f"-{rank}")),
+                             start_ticks=start_ticks(p) or 0, port=pod_port)
+                   for rank, (cmd, pod_env, pod_port) in enumerate(pods, start=1)]
         record = Record(kind=res.kind, name=res.name, namespace=res.namespace, role=role, command=command,
-                        pid=proc.pid, start_ticks=_start_ticks(proc.pid) or 0, port=port,
+                        pid=pid, start_ticks=start_ticks(pid) or 0, port=port,
                         url=f"http://127.0.0.1:{port}" if port else None, started=time.time(), cpu=cpu,
-                        spec_hash=_spec_hash(res), output_dir=output_dir)
+                        spec_hash=_spec_hash(res), output_dir=output_dir, workers=workers)
         (folder / "record.json").write_text(record.model_dump_json(indent=2))
-        log.info("started", extra={"kind": res.kind, "resource": f"{res.namespace}/{res.name}", "pid": proc.pid,
+        log.info("started", extra={"kind": res.kind, "resource": f"{res.namespace}/{res.name}", "pid": pid,
                                    "url": record.url, "command": " ".join(command)})
         return record
 
@@ -258,50 +264,82 @@ class LocalRunner:
                 f"({sku.gpu_memory_gib:g} GiB); this machine has {have} NVIDIA GPU(s). Run with --cpu to run it "
                 "on the CPU instead.")
 
-    def _serve_command(self, plan: InferencePlan, work: Path, cpu: bool) -> list[str]:
+    def _serve_command(self, plan: InferencePlan, work: Path, cpu: bool, manifests: Manifests) -> list[str]:
+        """kaito-serve's command as the StatefulSet's pods run it, with local paths, and (spread over nodes)
+        the leader at 127.0.0.1 on ports free here."""
         config_path = None
         ws = plan.workspace
         if plan.config is not None:
-            config_path = work / "inference_config.yaml"
-            config_path.write_text(inference_config_text(plan.config))
+            config_path = work / INFERENCE_CONFIG_FILE
+            config_path.write_text(plan.config.to_yaml())
         adapters_dir = None
         if plan.adapters:
             adapters_dir = work / "adapters"
             shutil.rmtree(adapters_dir, ignore_errors=True)
             adapters_dir.mkdir()
             for a in plan.adapters:
-                assert a.source is not None and a.source.name
-                path = _host_path(a.source.volume_source, f"workspace {ws.name}: adapter {a.source.name}",
-                                  image=a.source.image)
-                (adapters_dir / a.source.name).symlink_to(path, target_is_directory=True)
-        return [_exe("kaito-serve"), *plan.serve_args(config_path=str(config_path) if config_path else None,
-                                                      adapters_dir=str(adapters_dir) if adapters_dir else None,
-                                                      gpu=not cpu)]
+                src = a.source
+                assert src is not None and src.name
+                what = f"workspace {ws.name}: adapter {src.name}"
+                if src.image:  # the init container's pull
+                    pull_image(manifests, src.image, adapters_dir / src.name, src.image_pull_secrets or [], what)
+                else:
+                    (adapters_dir / src.name).symlink_to(host_path(src.volume_source, what), target_is_directory=True)
+        command = [exe("kaito-serve"), *plan.serve_args(config_path=str(config_path) if config_path else None,
+                                                         adapters_dir=str(adapters_dir) if adapters_dir else None,
+                                                         gpu=not cpu, leader="127.0.0.1")]
+        if plan.node_count > 1:
+            command += ["--leader-port", str(free_port()), "--watch-port", str(free_port())]
+        return command
 
-    def _tuning_command(self, plan: TuningPlan, work: Path) -> tuple[list[str], str]:
+    def _tuning_command(self, plan: TuningPlan, work: Path, manifests: Manifests) -> tuple[list[str], str]:
         name = plan.workspace.name
-        data = list(plan.input.urls or []) or [_host_path(plan.input.volume_source, f"workspace {name}: tuning "
-                                                          "input", image=plan.input.image)]
-        output = _host_path(plan.output.volume_source, f"workspace {name}: tuning output", image=plan.output.image,
-                            create=True)
-        config = work / "training_config.yaml"
-        config.write_text(_local_training_config(plan.config_text, output))
-        return [_exe("kaito-tune"), *plan.tune_args(config_path=str(config), data=data, output=output)], output
+        if plan.input.image:  # the init container's pull
+            data = [pull_image(manifests, plan.input.image, work / "data", plan.input.image_pull_secrets or [],
+                               f"workspace {name}: tuning input")]
+        else:
+            data = list(plan.input.urls or []) or [host_path(plan.input.volume_source, f"workspace {name}: tuning "
+                                                              "input")]
+        if plan.output.image:  # kept here, then pushed by kaito-tune --push
+            output = str(work / "results")
+            Path(output).mkdir(parents=True, exist_ok=True)
+        else:
+            output = host_path(plan.output.volume_source, f"workspace {name}: tuning output", create=True)
+        config = work / TUNING_CONFIG_FILE
+        config.write_text(local_training_config(plan.config_text, output))
+        return [exe("kaito-tune"), *plan.tune_args(config_path=str(config), data=data, output=output)], output
 
-    def _rag_env(self, plan: RAGPlan, manifests: Manifests, work: Path) -> dict[str, str]:
+    def _rag_env(self, plan: RAGPlan, manifests: Manifests, work: Path, cpu: bool = False) -> dict[str, str]:
+        """The pod's environment, with local paths: the store in the work folder (a volume claim, too), the
+        guardrails policy written from its ConfigMap, and secrets read from the manifests."""
         rag = plan.engine
         local = rag.spec.embedding.local if rag.spec.embedding else None
-        if local and local.image:
-            raise LocalError(f"ragengine {rag.name}: the embedding model image {local.image} cannot be pulled here; "
-                             "use embedding.local.modelID")
         env = dict(plan.env)
+        if local and local.image:  # the init container's pull
+            env[RAGEnvironment.var("embedding_model")] = pull_image(
+                manifests, local.image, work / "embedding", [local.image_pull_secret] if local.image_pull_secret else [],
+                f"ragengine {rag.name}: embedding model")
         for var, (secret, key) in plan.secret_env.items():
-            env[var] = _secret_value(manifests, secret, key)
-        if "LLM_INFERENCE_URL" in env:
-            env["LLM_INFERENCE_URL"] = self.resolve_url(env["LLM_INFERENCE_URL"], rag.namespace)
+            env[var] = secret_value(manifests, secret, key)
+        llm_url, storage_dir = RAGEnvironment.var("llm_url"), RAGEnvironment.var("storage_dir")
+        if llm_url in env:
+            env[llm_url] = self.resolve_url(env[llm_url], rag.namespace)
         storage = work / "vector-db"
         storage.mkdir(exist_ok=True)
-        env["DEFAULT_VECTOR_DB_PERSIST_DIR"] = str(storage)
+        env[storage_dir] = str(storage)
+        if cpu and RAGEnvironment.var("embedding_device") in env:
+            env[RAGEnvironment.var("embedding_device")] = "cpu"
+        if plan.guardrails_config_map:
+            text = plan.guardrails_default
+            if text is None:
+                text = (manifests.configmap(plan.guardrails_config_map) or {}).get(GUARDRAILS_POLICY_FILE)
+                if text is None:
+                    raise LocalError(f"ragengine {rag.name}: ConfigMap {plan.guardrails_config_map} with a "
+                                     f"{GUARDRAILS_POLICY_FILE} key is not in the applied manifests")
+            policy = work / "guardrails" / GUARDRAILS_POLICY_FILE
+            policy.parent.mkdir(exist_ok=True)
+            policy.write_text(text)
+            env[RAGEnvironment.var("guardrails_policy")] = str(policy)
         return env
 
     def resolve_url(self, url: str, namespace: str) -> str:
@@ -321,66 +359,59 @@ class LocalRunner:
 
     # --- status ------------------------------------------------------------------------------
 
-    def alive(self, record: Record) -> bool:
-        ticks = _start_ticks(record.pid)
+    def alive(self, record: Record | WorkerPod) -> bool:
+        ticks = start_ticks(record.pid)
         return ticks is not None and ticks == record.start_ticks
 
     def phase(self, folder: Path, record: Record) -> tuple[str, str]:
         """(state, why): Pending / Ready / Running / Succeeded / Failed."""
-        exe = Path(record.command[0]).name
+        program = Path(record.command[0]).name
+        gone = [w for w in record.workers if not self.alive(w)]
+        if gone and self.alive(record):  # its leader exits too, once it notices
+            return "Failed", f"worker pod {gone[0].rank} {ended(folder, f'-{gone[0].rank}')}"
         if self.alive(record):
             if record.role == "tuning":
-                return "Running", f"{exe} is running"
+                return "Running", f"{program} is running"
             try:
                 import httpx
 
                 ok = httpx.get(f"{record.url}/health", timeout=2).status_code == 200
             except Exception:  # noqa: BLE001 - not listening yet
                 ok = False
-            return ("Ready", f"{exe} answers on {record.url}") if ok else ("Pending", f"{exe} is starting")
+            return ("Ready", f"{program} answers on {record.url}") if ok else ("Pending", f"{program} is starting")
         code_file = folder / "exit_code"
         code = code_file.read_text().strip() if code_file.is_file() else ""
         if record.role == "tuning" and code == "0":
-            marker = Path(record.output_dir or "") / COMPLETED_MARKER
+            marker = Path(record.output_dir or "") / TUNING_DONE_MARKER
             if marker.is_file():
-                return "Succeeded", f"{exe} finished; the adapter is in {record.output_dir}"
-            return "Failed", f"{exe} exited 0 without writing {COMPLETED_MARKER}"
-        if code:
-            n = int(code)
-            how = f"was killed by signal {n - 128}" if n > 128 else f"exited with code {n}"
-        else:
-            how = "was killed"
-        return "Failed", f"{exe} {how}; see `kaito-operator local logs {record.name}`"
+                return "Succeeded", f"{program} finished; the adapter is in {record.output_dir}"
+            return "Failed", f"{program} exited 0 without writing {TUNING_DONE_MARKER}"
+        return "Failed", f"{program} {ended(folder, '')}"
 
-    def conditions(self, folder: Path, record: Record) -> tuple[str, list[Condition]]:
+    def conditions(self, folder: Path, record: Record) -> tuple[str, list[dict]]:
         state, why = self.phase(folder, record)
         where = "this machine's CPU" if record.cpu else "this machine's GPUs"
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.started))
-
-        def cond(kind: str, ok: bool | None, reason: str, message: str) -> Condition:
-            status = "Unknown" if ok is None else ("True" if ok else "False")
-            return Condition(type=kind, status=status, reason=reason, message=message, last_transition_time=now)
-
-        resource = cond("ResourceReady", True, "LocalMachine", f"runs on {where}")
+        resource = st.Cond(st.RESOURCE_READY, True, "LocalMachine", f"runs on {where}")
         done = {"Ready": True, "Succeeded": True, "Failed": False}.get(state)
         reason = {"Ready": "ProcessReady", "Succeeded": "JobSucceeded", "Failed": "ProcessFailed",
                   "Pending": "ProcessStarting", "Running": "JobRunning"}[state]
+        final = st.SUCCEEDED[record.kind]
         if record.role == "inference":
-            conds = [resource, cond("InferenceReady", state == "Ready", reason, why),
-                     cond("WorkspaceSucceeded", done, reason, why)]
+            conds = [st.Cond(st.INFERENCE_READY, state == "Ready", reason, why), st.Cond(final, done, reason, why)]
         elif record.role == "tuning":
-            conds = [resource, cond("JobStarted", True, "ProcessStarted", f"{Path(record.command[0]).name} started"),
-                     cond("WorkspaceSucceeded", None if state == "Running" else done, reason, why)]
+            conds = [st.Cond(st.JOB_STARTED, True, "ProcessStarted", f"{Path(record.command[0]).name} started"),
+                     st.Cond(final, None if state == "Running" else done, reason, why)]
         else:
-            conds = [resource, cond("ServiceReady", state == "Ready", reason, why),
-                     cond("RAGEngineSucceeded", done, reason, why)]
-        return state, conds
+            conds = [st.Cond(st.SERVICE_READY, state == "Ready", reason, why), st.Cond(final, done, reason, why)]
+        out = st.conditions(None, [resource, *conds])
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.started))
+        return state, [{**c, "lastTransitionTime": since} for c in out]
 
     def status_of(self, folder: Path, record: Record) -> dict[str, Any]:
         """The resource as applied, with a status as the controller would write it."""
         resource = yaml.safe_load((folder / "resource.yaml").read_text())
         state, conds = self.conditions(folder, record)
-        resource["status"] = {"state": state, "conditions": [c.dump() for c in conds],
+        resource["status"] = {"state": state, "conditions": conds,
                               **({"url": record.url} if record.url else {})}
         return resource
 
@@ -410,21 +441,23 @@ class LocalRunner:
     # --- delete ------------------------------------------------------------------------------
 
     def _stop(self, folder: Path, record: Record, grace: float = 30) -> None:
-        if not self.alive(record):
+        """SIGTERM to each pod's process group, SIGKILL to those still there after `grace` seconds."""
+        pods = [p for p in (record, *record.workers) if self.alive(p)]
+        if not pods:
             return
         log.info("stopping", extra={"resource": f"{record.namespace}/{record.name}", "pid": record.pid})
-        try:
-            os.killpg(record.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while self.alive(record) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if self.alive(record):
-            try:
-                os.killpg(record.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in pods:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while any(self.alive(p) for p in pods) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            pods = [p for p in pods if self.alive(p)]
+            if not pods:
+                return
 
     def delete(self, kind: str, namespace: str, name: str) -> str:
         with self._lock(kind, namespace, name):
@@ -440,48 +473,4 @@ class LocalRunner:
         shutil.rmtree(folder, ignore_errors=True)
         return f"{kind.lower()}.kaito.sh/{name} deleted"
 
-
-def _local_training_config(text: str, output: str) -> str:
-    """The training config with the pod's output folder (upstream configs name /mnt/results) moved to
-    the local output folder; anything else is kept as written."""
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        return text
-    section = (data.get("training_config") if isinstance(data.get("training_config"), dict) else data)
-    args = section.get("TrainingArguments") if isinstance(section, dict) else None
-    out_dir = args.get("output_dir") if isinstance(args, dict) else None
-    if not isinstance(out_dir, str) or not (out_dir == RESULTS_DIR or out_dir.startswith(RESULTS_DIR + "/")):
-        return text
-    args["output_dir"] = output + out_dir[len(RESULTS_DIR):]
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-def _host_path(volume: dict | None, what: str, *, image: str | None = None, create: bool = False) -> str:
-    if image:
-        raise LocalError(f"{what} comes from image {image}: the local runner cannot pull or push images; use a "
-                         "hostPath volumeSource (a local folder) instead")
-    if not volume or "hostPath" not in volume:
-        kind = next(iter(volume), "nothing") if volume else "nothing"
-        raise LocalError(f"{what} uses a {kind} volume, which exists only in a cluster; use hostPath (a local "
-                         "folder) with the local runner")
-    path = Path(volume["hostPath"]["path"]).expanduser()
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    elif not path.exists():
-        raise LocalError(f"{what}: {path} does not exist")
-    return str(path)
-
-
-def _secret_value(manifests: Manifests, name: str, key: str) -> str:
-    secret = manifests.find("Secret", name)
-    if secret is None:
-        raise LocalError(f"Secret {name!r} is not in the applied file: the local runner reads Secrets from it")
-    if key in (secret.get("stringData") or {}):
-        return str(secret["stringData"][key])
-    if key in (secret.get("data") or {}):
-        try:
-            return base64.b64decode(secret["data"][key], validate=True).decode()
-        except ValueError:
-            raise LocalError(f"Secret {name!r}: data.{key} is not base64") from None
-    raise LocalError(f"Secret {name!r} has no {key} key")
 

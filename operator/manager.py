@@ -2,19 +2,22 @@
 Lease for leader election, Prometheus metrics and the validating webhook over HTTPS.
 
 Leader election uses the `kubernetes` client's LeaseLock: a replica acquires the Lease before it
-starts kopf, renews it in a thread, and exits (to be restarted as a follower) the moment it cannot
-renew, so two replicas never act at once. Health, metrics and the (stateless) webhook start before
+starts kopf, renews it in a thread, and exits (to be restarted as a follower) once it has not renewed
+for 2/3 of the Lease's duration, measured from the last renewal it sent, so it has stopped before
+another replica may take the Lease: two replicas never act at once. Health, metrics and the (stateless) webhook start before
 the Lease is taken, so followers answer them too.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import socket
 import ssl
 import threading
+import time
 
 import kopf
 
@@ -26,28 +29,52 @@ log = logging.getLogger("kaito.operator")
 
 
 def lead(namespace: str, name: str, identity: str, duration: int = 15) -> None:
-    """Block until this replica holds the Lease; then keep renewing it in a thread (exit when lost)."""
+    """Block until this replica holds the Lease; then keep renewing it in a thread, and exit when lost.
+
+    The `kubernetes` client's LeaderElection reads and writes the Lease (each request bounded by a
+    timeout); the timing is kept here on the monotonic clock. A watchdog ends the process `deadline`
+    (2/3 of the duration) after the last successful renewal was sent, whatever the API server does
+    meanwhile (errors, no answer at all): another replica takes the Lease only `duration` after it saw
+    that renewal, so by then nothing of this one runs."""
     from kubernetes.leaderelection import electionconfig, leaderelection
     from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
-    def lost() -> None:
-        log.error("leader election lost: stopping", extra={"identity": identity})
-        os._exit(1)
+    duration = max(duration, 2)
+    retry, deadline = max(1, duration // 7), duration * 2 / 3  # client-go's defaults: 15 s, 10 s, 2 s
+    lock = LeaseLock(name, namespace, identity)
+    for call in ("read_namespaced_lease", "create_namespaced_lease", "replace_namespaced_lease"):
+        setattr(lock.api_instance, call, functools.partial(getattr(lock.api_instance, call), _request_timeout=retry))
+    election = leaderelection.LeaderElection(electionconfig.Config(
+        lock, lease_duration=duration, renew_deadline=deadline, retry_period=retry,
+        onstarted_leading=lambda: None, onstopped_leading=None))
 
-    retry = max(1, duration // 6)
-    renew = max(int(retry * 1.2) + 1, duration * 2 // 3)
-    cfg = electionconfig.Config(LeaseLock(name, namespace, identity), lease_duration=max(duration, renew + 1),
-                                renew_deadline=renew, retry_period=retry, onstarted_leading=lambda: None,
-                                onstopped_leading=lost)
-    election = leaderelection.LeaderElection(cfg)
-    election.acquire()
+    def attempt() -> float | None:
+        """Acquire or renew once: when the attempt started if it succeeded, else None."""
+        sent = time.monotonic()
+        try:
+            return sent if election.try_acquire_or_renew() else None
+        except Exception as e:  # noqa: BLE001 - a timeout, a refused connection: not renewed
+            log.debug("lease request failed", extra={"identity": identity, "error": str(e)[:300]})
+            return None
+
+    while (renewed := attempt()) is None:
+        time.sleep(retry)
     log.info("leading", extra={"identity": identity, "lease": f"{namespace}/{name}"})
 
     def renew() -> None:
-        election.renew_loop()
-        lost()
+        nonlocal renewed
+        while True:
+            time.sleep(retry)
+            renewed = attempt() or renewed
+
+    def watchdog() -> None:
+        while (left := renewed + deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+        log.error("leader election lost: stopping", extra={"identity": identity})
+        os._exit(1)
 
     threading.Thread(target=renew, name="lease-renewer", daemon=True).start()
+    threading.Thread(target=watchdog, name="lease-watchdog", daemon=True).start()
 
 
 def run(args: argparse.Namespace, azure_credential: object = None) -> int:
@@ -60,16 +87,30 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
-    cfg = Config(auto_provision=args.auto_provision, resync=args.resync,
+    cfg = Config(auto_provision=args.auto_provision, resync=args.resync, workers=max(1, args.workers),
+                 namespaces=list(args.namespace or []),
                  render=RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
-                                      **({"image_tag": args.tag} if args.tag else {})))
+                                      **({"image_tag": args.tag} if args.tag else {}),
+                                      auto_provision=args.auto_provision))
     if args.webhook_port:  # stateless: every replica answers admission, the followers too
         _webhook(args, cfg)
+    scaler_address = getattr(args, "scaler_address", None)
+    if getattr(args, "scaler_port", 0):  # stateless: every replica answers KEDA, the followers too
+        from .scaler import serve_from_cluster
+
+        scaler = serve_from_cluster(args.scaler_port)  # kept referenced while kopf runs: a collected server stops
+        scaler_address = scaler_address or f"127.0.0.1:{args.scaler_port}"
     if args.leader_elect:
         lead(args.lease_namespace, args.lease_name, identity, args.lease_duration)
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
     register(registry, cfg)
+    from .inferenceset import EPP_IMAGE, SetConfig
+    from .inferenceset_controller import register as register_sets
+
+    register_sets(registry, SetConfig(auto_provision=cfg.auto_provision, resync=cfg.resync, render=cfg.render,
+                                      scaler_address=scaler_address, gateway=getattr(args, "gateway", False),
+                                      epp_image=getattr(args, "epp_image", None) or EPP_IMAGE))
     if args.provisioner == "azure":
         from .azure import register as register_azure
 
@@ -77,6 +118,8 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
     log.info("kaito-operator running", extra={"auto_provision": cfg.auto_provision, "provisioner": args.provisioner,
                                                 "namespaces": args.namespace or "all"})
     kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace, namespaces=args.namespace)
+    if getattr(args, "scaler_port", 0):
+        scaler.stop(grace=1)
     return 0
 
 
@@ -99,7 +142,7 @@ def _health(port: int) -> None:
 
 
 def _webhook(args: argparse.Namespace, cfg: Config) -> None:
-    """Part 1's admission app (webhook.app) over HTTPS, on its own event loop in a thread, started before
+    """The admission app (webhook.app) over HTTPS, on its own event loop in a thread, started before
     the Lease is taken (a Service sends admission requests to every replica). Returns once it listens."""
     import asyncio
 

@@ -42,6 +42,8 @@ def parse(doc: dict[str, Any], source: str = "manifest") -> Resource:
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"
+                if err["loc"] == ("spec",) and kind == "Workspace":
+                    msg += ": a Workspace has no spec; resource, inference and tuning are top-level fields"
             lines.append(f"{_where(err['loc'])}: {msg}")
         raise ManifestError(f"{source}: {kind} {name!r} is invalid:\n  " + "\n  ".join(lines)) from None
 

@@ -1,7 +1,7 @@
 """Validation of Workspaces and RAGEngines with upstream KAITO's rules and messages.
 
 `validate(resource, old=None, lookup=...)` returns every problem found (empty list: valid); the
-admission webhook (`admission_review`) and the CLI both call it. Sizing questions go to
+admission webhook (webhook.py) and the CLI both call it. Sizing questions go to
 `kaito.presets` (catalogue, SKU table, estimator, vLLM argument builder); nothing is re-derived here.
 `lookup(kind, name)` returns the referenced ConfigMap (or None when it does not exist); without a
 lookup, referenced ConfigMaps are not checked.
@@ -9,50 +9,39 @@ lookup, referenced ConfigMaps are not checked.
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import urllib.parse
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 from kaito.presets import InferenceConfig, PresetError, build_vllm_command, get_model, get_sku
-from kaito.presets.estimator import estimate
-from pydantic import ValidationError
+from kaito.presets.catalogue import MIG_PROFILE
+from kaito.presets.contract import GUARDRAILS_POLICY_FILE, INFERENCE_CONFIG_FILE, TUNING_CONFIG_FILE
+from kaito.presets.hub import HubError, UnsupportedArchitectureError
 
-from .api import AdapterSpec, DataDestination, DataSource, RAGEngine, Resource, ResourceSpec, Workspace
+from .problems import DNS1123_LABEL, DNS1123_SUBDOMAIN, FieldError, ValidationFailed
 
-MAX_ADAPTERS = 10
+from . import sizing, sources
+from .api import (
+    ENABLE_LB,
+    NODE_IMAGE_FAMILY,
+    PERFORMANCE_MODE,
+    RUNTIME_ANNOTATION,
+    USE_LOCAL_WEIGHTS,
+    RAGEngine,
+    Resource,
+    ResourceSpec,
+    Workspace,
+)
+
 TUNING_METHODS = ("lora", "qlora")
 RUNTIMES = ("vllm", "transformers")
-INFERENCE_CONFIG_KEY = "inference_config.yaml"
-TUNING_CONFIG_KEY = "training_config.yaml"
+PERFORMANCE_MODES = ("balanced", "interactivity", "throughput")
+NODE_IMAGE_FAMILIES = {"ubuntu": "Ubuntu", "azurelinux": "AzureLinux"}  # lower-cased value -> AKS osSKU
 # upstream's default ConfigMaps (in its release namespace): kaito's built-in defaults stand for them
 DEFAULT_TUNING_CONFIGS = {"lora-params-template": "lora", "qlora-params-template": "qlora"}
 DEFAULT_INFERENCE_CONFIG = "inference-params-template"
-METADATA_HOSTS = {"metadata.google.internal", "metadata.google", "instance-data.ec2.internal", "metadata.azure.com"}
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
-Lookup = Callable[[str, str], "dict[str, Any] | None"]
-
-
-@dataclass(frozen=True)
-class FieldError:
-    field: str
-    message: str
-    warning: bool = False  # admitted, but the user is told (AdmissionReview `warnings`)
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
-
-
-class ValidationFailed(ValueError):
-    def __init__(self, resource: Resource, errors: list[FieldError]) -> None:
-        self.errors = errors
-        lines = "\n  ".join(str(e) for e in errors)
-        super().__init__(f"{resource.kind} {resource.namespace}/{resource.name} is invalid:\n  {lines}")
+Lookup = sizing.Lookup
+__all__ = ["FieldError", "Lookup", "ValidationFailed", "check", "inference_config", "validate"]
 
 
 def validate(resource: Resource, old: Resource | None = None, lookup: Lookup | None = None,
@@ -68,15 +57,20 @@ def validate(resource: Resource, old: Resource | None = None, lookup: Lookup | N
         if old is not None:
             errs += _workspace_update(resource, old)  # type: ignore[arg-type]
     elif isinstance(resource, RAGEngine):
-        errs += _ragengine(resource)
+        errs += _ragengine(resource, lookup)
         if old is not None and old.spec.compute and resource.spec.compute:  # type: ignore[attr-defined]
             errs += _resource_update(resource.spec.compute, old.spec.compute, "spec.compute")  # type: ignore[attr-defined]
+    elif resource.kind == "InferenceSet":
+        from .inferenceset import validate_set
+
+        errs += validate_set(resource, old, lookup, auto_provision)  # type: ignore[arg-type]
     return errs
 
 
-def check(resource: Resource, old: Resource | None = None, lookup: Lookup | None = None) -> list[FieldError]:
+def check(resource: Resource, old: Resource | None = None, lookup: Lookup | None = None,
+          auto_provision: bool = True) -> list[FieldError]:
     """validate(), raising ValidationFailed with every error; returns the warnings."""
-    found = validate(resource, old, lookup)
+    found = validate(resource, old, lookup, auto_provision)
     errs = [e for e in found if not e.warning]
     if errs:
         raise ValidationFailed(resource, errs)
@@ -92,9 +86,7 @@ def _workspace(ws: Workspace, lookup: Lookup | None, auto_provision: bool = True
         return [FieldError("", "Either Inference or Tuning must be specified, not neither")]
     if ws.inference is not None and ws.tuning is not None:
         return [FieldError("", "Either Inference or Tuning must be specified, but not both")]
-    if ws.runtime not in RUNTIMES:
-        errs.append(FieldError("metadata.annotations[kaito.sh/runtime]",
-                               f"unsupported runtime {ws.runtime!r}; choose one of: {', '.join(RUNTIMES)}"))
+    errs += _annotations(ws)
     errs += _label_selector(ws.resource)
     sku = None
     if not ws.resource.instance_type and not auto_provision:
@@ -107,11 +99,70 @@ def _workspace(ws: Workspace, lookup: Lookup | None, auto_provision: bool = True
             sku = get_sku(ws.resource.instance_type)
         except PresetError as e:
             errs.append(FieldError("resource.instanceType", _unsupported(e)))
+    if ws.resource.partition is not None:
+        errs += _partition(ws, auto_provision)
     if ws.inference is not None:
         errs += _inference(ws, sku, lookup)
     else:
         errs += _tuning(ws, lookup)
     return errs
+
+
+def _annotations(ws: Workspace) -> list[FieldError]:
+    errs = []
+
+    def where(key: str) -> str:
+        return f"metadata.annotations[{key}]"
+
+    if ws.runtime not in RUNTIMES:
+        errs.append(FieldError(where(RUNTIME_ANNOTATION),
+                               f"unsupported runtime {ws.runtime!r}; choose one of: {', '.join(RUNTIMES)}"))
+    mode = ws.annotation(PERFORMANCE_MODE)
+    if mode is not None and mode not in PERFORMANCE_MODES:
+        errs.append(FieldError(where(PERFORMANCE_MODE), f"{mode!r} is not a valid performance mode; choose one of: "
+                                                        f"{', '.join(PERFORMANCE_MODES)}"))
+    elif mode is not None and ws.runtime != "vllm":
+        errs.append(FieldError(where(PERFORMANCE_MODE), "performance mode is only supported with the vLLM runtime"))
+    local = ws.annotation(USE_LOCAL_WEIGHTS)
+    if local is not None and local not in ("true", "false"):
+        errs.append(FieldError(where(USE_LOCAL_WEIGHTS), f'{local!r} must be "true" or "false"'))
+    family = ws.annotation(NODE_IMAGE_FAMILY)
+    if family is not None and family.lower() not in NODE_IMAGE_FAMILIES:
+        errs.append(FieldError(where(NODE_IMAGE_FAMILY), f"unsupported node image family {family!r}, supported "
+                                                         f"values are {', '.join(NODE_IMAGE_FAMILIES)}"))
+    lb = ws.annotation(ENABLE_LB)
+    if lb is not None and lb not in ("True", "true", "False", "false"):
+        errs.append(FieldError(where(ENABLE_LB), f'{lb!r} must be "True" or "False"'))
+    return errs
+
+
+def _partition(ws: Workspace, auto_provision: bool) -> list[FieldError]:
+    """resource.partition, upstream's rules: bring your own nodes only; mig takes a profile, accelerator
+    a count of whole GPUs; not for tuning."""
+    part = ws.resource.partition
+    assert part is not None
+    if ws.tuning is not None:
+        return [FieldError("resource.partition", "GPU partitioning is not supported for tuning workloads")]
+    if auto_provision:
+        return [FieldError("resource.partition", "GPU partitioning is only supported with BYO nodes "
+                                                 "(disableNodeAutoProvisioning=true): run the operator with "
+                                                 "--no-auto-provision")]
+    if part.mode == sizing.MIG:
+        if part.count is not None:
+            return [FieldError("resource.partition.count", "count is only valid for accelerator mode")]
+        if not part.profile or not MIG_PROFILE.match(part.profile.lower()):
+            return [FieldError("resource.partition.profile", f"invalid MIG profile {part.profile!r}: expected "
+                                                             "<slices>g.<memory>gb, e.g. 1g.10gb or 3g.40gb")]
+        return []
+    if part.mode == sizing.ACCELERATOR:
+        errs = []
+        if part.profile:
+            errs.append(FieldError("resource.partition.profile", "profile is not valid for accelerator mode"))
+        if part.count is None:
+            errs.append(FieldError("resource.partition.count", "missing field: count (GPUs per pod)"))
+        return errs
+    return [FieldError("resource.partition.mode", f'unsupported partition mode {part.mode!r}, supported modes are '
+                                                  '"mig" and "accelerator"')]
 
 
 def _unsupported(e: PresetError) -> str:
@@ -142,7 +193,7 @@ def _inference(ws: Workspace, sku, lookup: Lookup | None) -> list[FieldError]:
         errs.append(FieldError("inference", "Preset or Template must be specified"))
     if inf.preset is not None and inf.template is not None:
         errs.append(FieldError("inference", "Preset and Template cannot be set at the same time"))
-    errs += _adapters(inf.adapters or [])
+    errs += sources.adapters(inf.adapters or [])
     if inf.template is not None:
         from .schemas import schema_errors
 
@@ -150,7 +201,11 @@ def _inference(ws: Workspace, sku, lookup: Lookup | None) -> list[FieldError]:
     if inf.preset is None:
         return errs
     try:
-        preset = get_model(inf.preset.name)
+        preset = sizing.model_for(inf.preset, ws.runtime, lookup)
+    except UnsupportedArchitectureError as e:
+        return errs + [FieldError(f"metadata.annotations[{RUNTIME_ANNOTATION}]", str(e))]
+    except HubError as e:
+        return errs + [FieldError("inference.preset.name", str(e))]
     except PresetError as e:
         return errs + [FieldError("inference.preset.name", _unsupported(e).replace(
             "Unsupported preset", "Unsupported inference preset name"))]
@@ -159,30 +214,32 @@ def _inference(ws: Workspace, sku, lookup: Lookup | None) -> list[FieldError]:
     if (options and options.image) or inf.preset.access_mode == "private":
         errs.append(FieldError("inference.preset.presetOptions.image", "private model images are deprecated upstream "
                                "and not used: kaito-serve downloads the weights from Hugging Face", warning=True))
-    if preset.requires_token and not secret:  # a warning: the weights may come from a mirror or a cache
+    if preset.requires_token and not secret and ws.annotation(USE_LOCAL_WEIGHTS) != "true":
+        # a warning: the weights may come from a mirror or a cache
         errs.append(FieldError("inference.preset.presetOptions.modelAccessSecret",
                                f"{preset.name} is gated on Hugging Face: set a modelAccessSecret with HF_TOKEN key "
                                "under presetOptions, or the download will be refused", warning=True))
-    if ws.runtime not in preset.runtimes and ws.runtime in RUNTIMES:
-        errs.append(FieldError("metadata.annotations[kaito.sh/runtime]",
-                               f"{preset.name} does not run on the {ws.runtime} runtime"))
     config, cfg_errs = inference_config(inf.config, lookup)
     errs += cfg_errs
+    try:
+        sku = sizing.partition_sku(ws, sku)
+    except PresetError:  # an invalid partition, reported by _partition
+        return errs
     if sku is None:
         return errs
-    context = config.vllm.get("max-model-len") if config else None
     try:
-        est = estimate(preset, sku, node_count=ws.resource.count, context=context)  # type: ignore[arg-type]
+        est = sizing.size(ws, preset, sku, config)
     except PresetError as e:
+        context = config.max_model_len if config else None
         field = "inference.config" if context and "context" in str(e) or "KV space" in str(e) else "resource"
+        if ws.resource.partition is not None:
+            field = "resource.partition"
         return errs + [FieldError(field, str(e))]
-    if est.node_count > 1 and ws.runtime == "transformers":
-        errs.append(FieldError("metadata.annotations[kaito.sh/runtime]",
-                               f"Multi-node distributed inference is not supported with Huggingface Transformers "
-                               f"runtime: {preset.name} needs {est.node_count} nodes of {sku.name}"))
+    if warning := sizing.count_warning(ws, est):
+        errs.append(FieldError("resource.count", warning, warning=True))
     if config is not None:
         try:
-            build_vllm_command(preset, sku=sku, node_count=ws.resource.count, config=config)
+            build_vllm_command(preset, sku=sku, node_count=est.node_count, config=config)
         except PresetError as e:
             errs.append(FieldError(f"inference.config ({inf.config})", str(e)))
     return errs
@@ -198,76 +255,13 @@ def inference_config(name: str | None, lookup: Lookup | None) -> tuple[Inference
         return None, []
     if cm is None:
         return None, [FieldError(where, f"ConfigMap {name!r} not found in the Workspace's namespace")]
-    text = (cm.get("data") or {}).get(INFERENCE_CONFIG_KEY)
+    text = (cm.get("data") or {}).get(INFERENCE_CONFIG_FILE)
     if text is None:
-        return None, [FieldError(where, f"ConfigMap {name!r} has no {INFERENCE_CONFIG_KEY} key")]
+        return None, [FieldError(where, f"ConfigMap {name!r} has no {INFERENCE_CONFIG_FILE} key")]
     try:
-        return parse_inference_config(text), []
+        return InferenceConfig.parse(text), []
     except PresetError as e:
         return None, [FieldError(where, str(e))]
-
-
-def parse_inference_config(text: str) -> InferenceConfig:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise PresetError(f"{INFERENCE_CONFIG_KEY} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise PresetError(f"{INFERENCE_CONFIG_KEY} must hold a mapping with a `vllm:` section")
-    data.pop("max_probe_steps", None)  # upstream's own sizing knob: kaito's estimator sizes instead
-    try:
-        return InferenceConfig(**data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise PresetError(f"{INFERENCE_CONFIG_KEY}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-
-
-def _adapters(adapters: list[AdapterSpec]) -> list[FieldError]:
-    errs: list[FieldError] = []
-    if len(adapters) > MAX_ADAPTERS:
-        errs.append(FieldError("inference.adapters", f"Number of Adapters exceeds the maximum limit, maximum of "
-                                                     f"{MAX_ADAPTERS} allowed"))
-    seen: set[str] = set()
-    for i, a in enumerate(adapters):
-        where = f"inference.adapters[{i}]"
-        src = a.source
-        if src is None:
-            errs.append(FieldError(where, "missing field: source"))
-            continue
-        if not src.name:
-            errs.append(FieldError(f"{where}.source.name", "Name of Adapter field must be specified"))
-        elif not DNS1123_SUBDOMAIN.match(src.name) or len(src.name) > 253:
-            errs.append(FieldError(f"{where}.source.name", f"{src.name!r} must be a DNS-1123 subdomain (lowercase "
-                                                           "letters, digits, '-' and '.')"))
-        elif src.name in seen:
-            errs.append(FieldError(f"{where}.source.name", f"Duplicate adapter source name found: {src.name}"))
-        seen.add(src.name or "")
-        if src.urls:
-            errs.append(FieldError(f"{where}.source.urls", "URLs are not supported as adapter source"))
-        if not src.image and src.volume_source is None:
-            errs.append(FieldError(f"{where}.source", "Either Image or Volume must be specified for adapter source"))
-        if src.image and src.volume_source is not None:
-            errs.append(FieldError(f"{where}.source", "Image and Volume cannot both be specified for adapter source"))
-        errs += _volume(src.volume_source, f"{where}.source.volumeSource")
-        strength = a.strength if a.strength is not None else "1.0"
-        try:
-            value = float(strength)
-        except ValueError:
-            errs.append(FieldError(f"{where}.strength", f"Invalid strength value for Adapter '{src.name}': "
-                                                        f"{strength!r} is not a number"))
-            continue
-        if not 0 <= value <= 1:
-            errs.append(FieldError(f"{where}.strength", f"Strength value for Adapter '{src.name}' must be between 0 "
-                                                        "and 1"))
-    return errs
-
-
-def _volume(volume: dict | None, where: str) -> list[FieldError]:
-    if volume is None:
-        return []
-    from .schemas import schema_errors
-
-    return [FieldError(where, m) for m in schema_errors(volume, "VolumeSource")]
 
 
 def _tuning(ws: Workspace, lookup: Lookup | None) -> list[FieldError]:
@@ -277,7 +271,7 @@ def _tuning(ws: Workspace, lookup: Lookup | None) -> list[FieldError]:
     method = (t.method or "").lower()
     if method not in TUNING_METHODS:
         errs.append(FieldError("tuning.method", f"Unsupported tuning method {t.method!r}: use lora or qlora"))
-    if ws.resource.count > 1:
+    if (ws.resource.count or 1) > 1:
         errs.append(FieldError("resource.count", "Tuning does not currently support multinode configurations. "
                                                  "Please set the node count to 1."))
     if t.preset is None:
@@ -298,79 +292,22 @@ def _tuning(ws: Workspace, lookup: Lookup | None) -> list[FieldError]:
             pass
         elif cm is None:
             errs.append(FieldError("tuning.config", f"ConfigMap {t.config!r} not found in the Workspace's namespace"))
-        elif TUNING_CONFIG_KEY not in (cm.get("data") or {}):
-            errs.append(FieldError("tuning.config", f"ConfigMap {t.config!r} has no {TUNING_CONFIG_KEY} key"))
+        elif TUNING_CONFIG_FILE not in (cm.get("data") or {}):
+            errs.append(FieldError("tuning.config", f"ConfigMap {t.config!r} has no {TUNING_CONFIG_FILE} key"))
         else:
             try:
-                yaml.safe_load(cm["data"][TUNING_CONFIG_KEY])
+                yaml.safe_load(cm["data"][TUNING_CONFIG_FILE])
             except yaml.YAMLError as e:
-                errs.append(FieldError("tuning.config", f"{TUNING_CONFIG_KEY} is not valid YAML: {e}"))
+                errs.append(FieldError("tuning.config", f"{TUNING_CONFIG_FILE} is not valid YAML: {e}"))
     if t.input is None:
         errs.append(FieldError("tuning.input", "missing field: Input"))
     else:
-        errs += _data_source(t.input, "tuning.input")
+        errs += sources.data_source(t.input, "tuning.input")
     if t.output is None:
         errs.append(FieldError("tuning.output", "missing field: Output"))
     else:
-        errs += _data_destination(t.output, "tuning.output")
+        errs += sources.data_destination(t.output, "tuning.output")
     return errs
-
-
-def _data_source(src: DataSource, where: str) -> list[FieldError]:
-    errs = []
-    given = sum([bool(src.urls), bool(src.image), src.volume_source is not None])
-    if given != 1:
-        errs.append(FieldError(where, "Exactly one of URLs, Volume, or Image must be specified"))
-    for url in src.urls or []:
-        problem = url_problem(url)
-        if problem:
-            errs.append(FieldError(f"{where}.urls", f"{url}: {problem}"))
-    if src.image:
-        errs += _image(src.image, f"{where}.image")
-    errs += _volume(src.volume_source, f"{where}.volumeSource")
-    return errs
-
-
-def _data_destination(dst: DataDestination, where: str) -> list[FieldError]:
-    errs = []
-    if bool(dst.image) + (dst.volume_source is not None) != 1:
-        errs.append(FieldError(where, "Exactly one of Volume or Image must be specified"))
-    if dst.image:
-        errs += _image(dst.image, f"{where}.image")
-        if not dst.image_push_secret:
-            errs.append(FieldError(f"{where}.imagePushSecret", "Must specify imagePushSecret with destination image"))
-    errs += _volume(dst.volume_source, f"{where}.volumeSource")
-    return errs
-
-
-IMAGE_REF = re.compile(r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
-                       r"(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
-
-
-def _image(ref: str, where: str) -> list[FieldError]:
-    if not IMAGE_REF.match(ref):
-        return [FieldError(where, f"Unable to parse image reference {ref!r}")]
-    return []
-
-
-def url_problem(url: str) -> str | None:
-    """Why a data-source URL is refused (upstream's rules), or None. Only http(s), and never a
-    loopback, private, link-local or cloud-metadata address."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme.lower() not in ("http", "https"):
-        return "data source URL must use HTTP or HTTPS"
-    host = (parsed.hostname or "").lower()
-    if not host:
-        return "invalid data source URL"
-    if host == "localhost" or host.endswith(".localhost") or host in METADATA_HOSTS:
-        return "data source URL must not target a local or metadata endpoint"
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return None
-    if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
-        return "data source URL must not target a loopback, private, or link-local address"
-    return None
 
 
 def _workspace_update(new: Workspace, old: Workspace) -> list[FieldError]:
@@ -413,31 +350,34 @@ def _dump(model) -> Any:
 # --- RAGEngine ----------------------------------------------------------------------------------
 
 
-def _ragengine(rag: RAGEngine) -> list[FieldError]:
+def _ragengine(rag: RAGEngine, lookup: Lookup | None = None) -> list[FieldError]:
+    """Upstream's rules: compute and inferenceService are optional (no compute: ordinary nodes, CPU
+    embeddings; no inference URL: retrieve-only); vectorDB is a Qdrant server; guardrails name a ConfigMap
+    holding guardrails.yaml, whose policy is checked when the lookup finds it."""
     spec = rag.spec
     errs: list[FieldError] = []
-    if spec.compute is None:
-        errs.append(FieldError("spec.compute", "Compute resource must be specified"))
-    elif spec.compute.instance_type:
+    if spec.compute is not None and spec.compute.instance_type:
         try:
             get_sku(spec.compute.instance_type)
         except PresetError as e:
             errs.append(FieldError("spec.compute.instanceType", _unsupported(e)))
-    if spec.storage and spec.storage.vector_db:
-        errs.append(FieldError("spec.storage.vectorDB", "external vector databases are not supported: kaito-rag "
-                                                        "keeps its FAISS index in the storage volume"))
+    if spec.compute is not None and spec.compute.label_selector is not None:
+        errs += [FieldError(e.field.replace("resource.", "spec.compute."), e.message)
+                 for e in _label_selector(spec.compute)]
+    db = spec.storage.vector_db if spec.storage else None
+    if db is not None:
+        if db.engine.lower() != "qdrant":
+            errs.append(FieldError("spec.storage.vectorDB.engine", f"unsupported vector database engine "
+                                                                   f"{db.engine!r}; supported: qdrant"))
+        errs += sources.http_url(db.url, "spec.storage.vectorDB.url")
     svc = spec.inference_service
-    if svc is None:
-        errs.append(FieldError("spec.inferenceService", "InferenceService must be specified"))
-    else:
+    if svc is not None:
         if svc.url:
-            parsed = urllib.parse.urlsplit(svc.url)
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                errs.append(FieldError("spec.inferenceService.url", f"URL input error: {svc.url!r} is not an "
-                                                                    "http(s) URL"))
+            errs += sources.http_url(svc.url, "spec.inferenceService.url")
         if not svc.context_window_size or svc.context_window_size <= 0:
             errs.append(FieldError("spec.inferenceService.contextWindowSize", "ContextWindowSize must be a positive "
                                                                               "integer"))
+    errs += _guardrails(rag, lookup)
     emb = spec.embedding
     if emb is None:
         return errs + [FieldError("spec.embedding", "Embedding must be specified")]
@@ -453,37 +393,31 @@ def _ragengine(rag: RAGEngine) -> list[FieldError]:
         if emb.local.image and emb.local.model_id:
             errs.append(FieldError("spec.embedding.local", "Either image or modelID must be specified, but not both"))
         if emb.local.image:
-            errs += _image(emb.local.image, "spec.embedding.local.image")
+            errs += sources.image(emb.local.image, "spec.embedding.local.image")
     if emb.remote is not None:
-        parsed = urllib.parse.urlsplit(emb.remote.url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            errs.append(FieldError("spec.embedding.remote.url", f"URL input error: {emb.remote.url!r} is not an "
-                                                                "http(s) URL"))
+        errs += sources.http_url(emb.remote.url, "spec.embedding.remote.url")
     return errs
 
 
-# --- admission webhook --------------------------------------------------------------------------
+def _guardrails(rag: RAGEngine, lookup: Lookup | None) -> list[FieldError]:
+    """The policy ConfigMap's name, and, when the lookup finds it, its guardrails.yaml: a file kaito-rag
+    cannot read is an error, entries it would skip are warnings."""
+    g = rag.spec.guardrails
+    if g is None or not g.enabled or g.config_map_ref is None:
+        return []
+    name, where = g.config_map_ref.name, "spec.guardrails.configMapRef.name"
+    if not DNS1123_SUBDOMAIN.match(name) or len(name) > 253:
+        return [FieldError(where, f"{name!r} is not a valid ConfigMap name")]
+    cm = lookup("ConfigMap", name) if lookup else None
+    if cm is None:
+        return []  # checked when the pod mounts it: the ConfigMap may be applied after the RAGEngine
+    text = (cm.get("data") or {}).get(GUARDRAILS_POLICY_FILE)
+    if text is None:
+        return [FieldError(where, f"ConfigMap {name!r} has no {GUARDRAILS_POLICY_FILE} key")]
+    from kaito.ragservice.guardrails import PolicyError, parse_policy  # pydantic and PyYAML only
 
-
-def admission_review(review: dict[str, Any], lookup: Lookup | None = None,
-                     auto_provision: bool = True) -> dict[str, Any]:
-    """An admission.k8s.io/v1 AdmissionReview request -> its response (allowed, or denied with
-    every message). Pure: the HTTPS server around it lives with the controller."""
-    from .manifests import ManifestError, parse
-
-    request = review.get("request") or {}
-    uid = request.get("uid", "")
     try:
-        obj = parse(request.get("object") or {}, "request.object")
-        old = parse(request["oldObject"], "request.oldObject") if request.get("oldObject") else None
-        found = [] if request.get("operation") == "DELETE" else validate(obj, old, lookup, auto_provision)
-    except ManifestError as e:
-        found = [FieldError("", str(e))]
-    errs = [str(e) for e in found if not e.warning]
-    response: dict[str, Any] = {"uid": uid, "allowed": not errs}
-    if errs:
-        response["status"] = {"code": 422, "reason": "Invalid", "message": "; ".join(errs)}
-    warnings = [str(e) for e in found if e.warning]
-    if warnings:
-        response["warnings"] = warnings
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+        policy = parse_policy(text, f"ConfigMap {name} {GUARDRAILS_POLICY_FILE}", load_encodings=False)
+    except PolicyError as e:
+        return [FieldError(where, str(e))]
+    return [FieldError(where, f"{problem} (the entry is skipped)", warning=True) for _, problem in policy.problems]

@@ -1,5 +1,5 @@
 """The validating admission webhook: an aiohttp app (aiohttp comes with kopf, in the operator extra)
-whose `POST /validate` answers Kubernetes AdmissionReviews with `validation.admission_review`.
+whose `POST /validate` answers Kubernetes AdmissionReviews (`admission_review`) with `validation.validate`.
 
 The API server only calls webhooks over HTTPS: give `--tls-cert`/`--tls-key`. `kaito-operator run`
 serves the same app over its own HTTPS port with `lookup_in`: ConfigMaps read from the cluster, in
@@ -12,10 +12,35 @@ import asyncio
 import json
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
-from .validation import Lookup, admission_review
+from .manifests import ManifestError, parse
+from .validation import FieldError, Lookup, validate
+
+
+def admission_review(review: dict[str, Any], lookup: Lookup | None = None,
+                     auto_provision: bool = True) -> dict[str, Any]:
+    """An admission.k8s.io/v1 AdmissionReview request -> its response (allowed, or denied with
+    every message). Pure: `app` serves it over HTTPS."""
+    request = review.get("request") or {}
+    uid = request.get("uid", "")
+    try:
+        obj = parse(request.get("object") or {}, "request.object")
+        old = parse(request["oldObject"], "request.oldObject") if request.get("oldObject") else None
+        found = [] if request.get("operation") == "DELETE" else validate(obj, old, lookup, auto_provision)
+    except ManifestError as e:
+        found = [FieldError("", str(e))]
+    errs = [str(e) for e in found if not e.warning]
+    response: dict[str, Any] = {"uid": uid, "allowed": not errs}
+    if errs:
+        response["status"] = {"code": 422, "reason": "Invalid", "message": "; ".join(errs)}
+    warnings = [str(e) for e in found if e.warning]
+    if warnings:
+        response["warnings"] = warnings
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+
 
 
 def app(lookup: Lookup | None = None, lookup_in: Callable[[str], Lookup] | None = None,
@@ -23,7 +48,7 @@ def app(lookup: Lookup | None = None, lookup_in: Callable[[str], Lookup] | None 
     """`lookup_in(namespace)` gives the lookup for a request's namespace (it may block: it runs in a thread);
     auto_provision=False: Workspaces may omit instanceType (bring your own nodes)."""
 
-    async def validate(request: web.Request) -> web.Response:
+    async def review_request(request: web.Request) -> web.Response:
         try:
             review = await request.json()
         except json.JSONDecodeError:
@@ -41,7 +66,7 @@ def app(lookup: Lookup | None = None, lookup_in: Callable[[str], Lookup] | None 
         return web.Response(text="ok")
 
     application = web.Application(client_max_size=4 * 2**20)
-    application.router.add_post("/validate", validate)
+    application.router.add_post("/validate", review_request)
     application.router.add_get("/healthz", healthz)
     return application
 

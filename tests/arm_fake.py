@@ -12,10 +12,14 @@ real long-running-operation pollers. Resources are kept by their ARM id, whateve
 - `GET /subscriptions/S/providers/Microsoft.Compute/skus` lists resource SKUs (with GPU
   capabilities and restrictions), filtered by `location eq '...'`;
 - `quota` (VM size -> family) makes a PUT of that size fail at once with 409 `QuotaExceeded`, as
-  ARM's preflight check does.
+  ARM's preflight check does; `late_quota` accepts the PUT (201) and ends its operation `Failed` with
+  `QuotaExceeded`, the resource left in provisioningState `Failed`, as a pool whose VMs could not be
+  allocated is;
+- faults: `poll_errors` (the next N polls of an operation answered 500), `throttle` (the next N
+  requests answered 429 with `Retry-After: retry_after`); `faults` counts what was answered so.
 
 Not covered: authentication (any bearer token is accepted), `api-version` checks, ETags,
-paging (`nextLink`), throttling (429) and Retry-After, the resources' own validation rules.
+paging (`nextLink`), the resources' own validation rules.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -54,7 +59,12 @@ class ArmFake:
         self.resources: dict[str, dict] = {}  # lower-case ARM id -> resource
         self.operations: dict[str, dict] = {}
         self.skus = [sku(n, g, c, m, location) for n, g, c, m in GPU_SKUS]
-        self.quota: dict[str, str] = {}  # vmSize -> quota family exceeded
+        self.quota: dict[str, str] = {}  # vmSize -> quota family exceeded (at the PUT)
+        self.late_quota: dict[str, str] = {}  # vmSize -> quota family exceeded (when the operation ends)
+        self.poll_errors = 0  # the next polls answered 500
+        self.throttle = 0  # the next requests answered 429
+        self.retry_after = 1
+        self.faults: Counter[str] = Counter()  # "500 poll", "429": times answered so
         self.polls = 1  # InProgress answers before an operation ends
         self.puts: list[str] = []  # ids PUT, in order (to count creations)
         self.deletes: list[str] = []
@@ -74,10 +84,19 @@ class ArmFake:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/")
         key = path.lower()
+        if self.throttle > 0:
+            self.throttle -= 1
+            self.faults["429"] += 1
+            return self._error(429, "TooManyRequests", "The request is being throttled.",
+                               headers={"Retry-After": str(self.retry_after)})
         if "/operations/" in key:
             op = self.operations.get(path.rsplit("/", 1)[-1])
             if op is None:
                 return self._error(404, "NotFound", "no such operation")
+            if self.poll_errors > 0:
+                self.poll_errors -= 1
+                self.faults["500 poll"] += 1
+                return self._error(500, "InternalServerError", "An internal error occurred; please retry.")
             if op["left"] > 0:
                 op["left"] -= 1
                 return web.json_response({"status": "InProgress"})
@@ -96,9 +115,9 @@ class ArmFake:
             props = body.setdefault("properties", {})
             size = props.get("vmSize") or (body.get("sku") or {}).get("name")
             if size in self.quota:
-                return self._error(409, "QuotaExceeded", (
-                    f"Operation could not be completed as it results in exceeding approved {self.quota[size]} Cores "
-                    f"quota. Location: {self.location}, Current Limit: 0, Current Usage: 0, Additional Required: 24"))
+                return self._error(409, "QuotaExceeded", self._quota_message(self.quota[size]))
+            late = {"code": "QuotaExceeded", "message": self._quota_message(self.late_quota[size])} \
+                if size in self.late_quota else None
             existed = key in self.resources
             parts = path.split("/")
             resource = {**body, "id": path, "name": parts[-1], "type": "/".join([parts[6], *parts[7::2]])}
@@ -108,9 +127,9 @@ class ArmFake:
 
             def done() -> None:
                 if key in self.resources:
-                    self.resources[key]["properties"]["provisioningState"] = "Succeeded"
+                    self.resources[key]["properties"]["provisioningState"] = "Failed" if late else "Succeeded"
 
-            headers = {"Azure-AsyncOperation": self._op(request, done)}
+            headers = {"Azure-AsyncOperation": self._op(request, done, late)}
             return web.json_response(resource, status=200 if existed else 201, headers=headers)
         if request.method == "DELETE":
             if key not in self.resources:
@@ -133,9 +152,13 @@ class ArmFake:
     def _is_collection(key: str) -> bool:
         return key.endswith(("/agentpools", "/virtualmachinescalesets"))
 
+    def _quota_message(self, family: str) -> str:
+        return (f"Operation could not be completed as it results in exceeding approved {family} Cores quota. "
+                f"Location: {self.location}, Current Limit: 0, Current Usage: 0, Additional Required: 24")
+
     @staticmethod
-    def _error(code: int, err: str, message: str) -> web.Response:
-        return web.json_response({"error": {"code": err, "message": message}}, status=code)
+    def _error(code: int, err: str, message: str, headers: dict | None = None) -> web.Response:
+        return web.json_response({"error": {"code": err, "message": message}}, status=code, headers=headers)
 
     def start(self) -> ArmFake:
         ready = threading.Event()

@@ -7,22 +7,39 @@ the operator uses (`tests/test_operator_controller_fake.py` pins each behaviour)
 - create (201, `generateName`, 409 AlreadyExists, 422 without a name), get (404), list with label
   and field selectors, PUT (409 Conflict on a stale `metadata.resourceVersion`), PATCH (JSON merge
   patch; strategic merge patch read as a merge patch; JSON patch), DELETE;
+- server-side apply (PATCH `application/apply-patch+yaml`, `fieldManager` required, `force`):
+  `metadata.managedFields` per manager, operation and subresource (fieldsV1); an apply creates a
+  missing object (audited as patch and create, as the API server authorizes it), sets what the
+  manager applies, removes what the manager applied before and no longer does (unless another manager
+  owns it too), and answers 409 when a field another manager owns would get another value (unless
+  `force`, which takes the field over). Other writes make their manager (`fieldManager`, else the
+  User-Agent up to its first `/`) own the fields they change, taken from the others. Lists are atomic
+  (owned whole: the API server merges lists of maps by key, which one manager never notices);
 - one global `resourceVersion` that grows on every write; a write that changes nothing changes
   neither the resourceVersion nor the watchers; `generation` grows when anything outside
   metadata and status changes;
 - watches (`?watch=true`): newline-delimited JSON events from a `resourceVersion` (replayed from
   the history), the current objects as ADDED without one, `410 Gone` (an ERROR event) when the
-  version is older than the history kept, `timeoutSeconds`;
+  version is older than the history kept, `timeoutSeconds`; `drop_watches()` ends them all;
 - the status subresource: the main resource ignores `status`, `/status` changes only `status`;
+- the scale subresource of CRDs that declare one (`autoscaling/v1` Scale: GET, PUT, PATCH of
+  spec.replicas at the CRD's specReplicasPath; status.replicas and selector from its status paths);
 - finalizers (delete sets `deletionTimestamp`; the object goes when the last finalizer does) and
   the garbage collector's cascade along `ownerReferences` (background and foreground alike; orphan
   leaves dependents);
 - CustomResourceDefinitions: creating one serves its resource;
-- an audit of the verbs and resources a client asked for (to check RBAC rules against).
+- an audit of the verbs and resources a client asked for (to check RBAC rules against), and a count
+  of every request by verb (`verbs`);
+- faults injected on purpose (`inject(Faults(...))`, changeable while it runs, seeded): a fraction of
+  requests answered 500 or 429 with `Retry-After`, 409 Conflict on a fraction of the writes that name a
+  resourceVersion, added latency, watches closed after a few seconds, 410 Gone on a fraction of the
+  watches that resume from a past resourceVersion; each injected fault counted (`injected`) and each
+  request of the faulted client traced (`trace`). `tests/test_kube_fake_faults.py` pins them.
 
 Not covered (the README says so too): authentication and RBAC, admission webhooks and schema
-validation of bodies, server-side apply, defaulting, pods' graceful deletion, namespace existence
-and deletion, pagination (`limit`/`continue` return everything), protobuf, bookmarks.
+validation of bodies, lists merged by key under server-side apply, defaulting, pods' graceful
+deletion, namespace existence and deletion, pagination (`limit`/`continue` return everything),
+protobuf, bookmarks.
 """
 
 from __future__ import annotations
@@ -30,10 +47,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import random
 import re
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +69,7 @@ class Kind:
     kind: str
     namespaced: bool = True
     status: bool = True  # has a status subresource
+    scale: tuple[str, str, str | None] | None = None  # the scale subresource: spec, status, selector paths
 
     @property
     def api_version(self) -> str:
@@ -64,6 +84,9 @@ BUILTIN = [
     Kind("", "v1", "configmaps", "ConfigMap", status=False),
     Kind("", "v1", "secrets", "Secret", status=False),
     Kind("", "v1", "events", "Event", status=False),
+    Kind("", "v1", "serviceaccounts", "ServiceAccount", status=False),
+    Kind("rbac.authorization.k8s.io", "v1", "roles", "Role", status=False),
+    Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", status=False),
     Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     Kind("apps", "v1", "statefulsets", "StatefulSet"),
     Kind("apps", "v1", "deployments", "Deployment"),
@@ -150,8 +173,148 @@ def field_match(selector: str | None, obj: dict) -> bool:
     return True
 
 
+# --- field management (server-side apply) -------------------------------------------------------------
+
+APPLY = "application/apply-patch+yaml"
+SERVER_META = {"name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "managedFields",
+               "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"}
+Path = tuple[str, ...]
+
+
+def fields(obj: dict, part: str) -> dict[Path, Any]:
+    """path -> value of each field a manager can own in a `part` of an object: `status`, `main` (all but the
+    status, for kinds with a status subresource) or `all`; never the server's metadata. Maps are walked;
+    lists and scalars are leaves."""
+    out: dict[Path, Any] = {}
+
+    def walk(node: Any, path: Path) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, (*path, k))
+        else:
+            out[path] = node
+
+    for key, value in obj.items():
+        if part == "status" and key != "status" or key in ("apiVersion", "kind") or part == "main" and key == "status":
+            continue
+        if key == "metadata":
+            value = {k: v for k, v in value.items() if k not in SERVER_META}
+            if not value:
+                continue
+        walk(value, (key,))
+    return out
+
+
+def _get(obj: Any, path: Path) -> Any:
+    for part in path:
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def _set(obj: dict, path: Path, value: Any) -> None:
+    for part in path[:-1]:
+        if not isinstance(obj.get(part), dict):
+            obj[part] = {}
+        obj = obj[part]
+    obj[path[-1]] = copy.deepcopy(value)
+
+
+def _unset(obj: dict, path: Path) -> None:
+    """Remove a field, and the maps it leaves empty."""
+    parents = [obj]
+    for part in path[:-1]:
+        obj = obj.get(part)
+        if not isinstance(obj, dict):
+            return
+        parents.append(obj)
+    parents[-1].pop(path[-1], None)
+    for parent, part in zip(reversed(parents[:-1]), reversed(path[:-1]), strict=True):
+        if parent.get(part) == {}:
+            del parent[part]
+
+
+def encode(paths: set[Path]) -> dict:
+    """A set of field paths as `fieldsV1` ({"f:spec": {"f:replicas": {}}})."""
+    tree: dict = {}
+    for path in sorted(paths):
+        node = tree
+        for part in path:
+            node = node.setdefault(f"f:{part}", {})
+    return tree
+
+
+def decode(tree: dict, prefix: Path = ()) -> set[Path]:
+    paths: set[Path] = set()
+    for key, sub in tree.items():
+        path = (*prefix, key[2:])
+        paths |= decode(sub, path) if sub else {path}
+    return paths
+
+
+@dataclass
+class Managed:
+    """One entry of metadata.managedFields."""
+
+    manager: str
+    operation: str  # Apply | Update
+    subresource: str  # "" or "status"
+    paths: set[Path]
+    time: str
+
+    @classmethod
+    def read(cls, obj: dict) -> list[Managed]:
+        return [cls(e["manager"], e["operation"], e.get("subresource", ""), decode(e.get("fieldsV1") or {}), e["time"])
+                for e in obj["metadata"].get("managedFields") or []]
+
+    def dump(self, api_version: str) -> dict:
+        entry = {"manager": self.manager, "operation": self.operation, "apiVersion": api_version, "time": self.time,
+                 "fieldsType": "FieldsV1", "fieldsV1": encode(self.paths)}
+        return {**entry, "subresource": self.subresource} if self.subresource else entry
+
+
+def write_managed(obj: dict, entries: list[Managed], api_version: str) -> None:
+    kept = [e.dump(api_version) for e in entries if e.paths]
+    if kept:
+        obj["metadata"]["managedFields"] = kept
+    else:
+        obj["metadata"].pop("managedFields", None)
+
+
+def take(entries: list[Managed], manager: str, operation: str, sub: str, paths: set[Path], lose: set[Path]) -> None:
+    """`manager`'s entry (operation, subresource) owns `paths` from now on (Apply) or in addition
+    (Update); every other entry loses `lose`. The entry's time changes when its fields do."""
+    mine = next((e for e in entries if (e.manager, e.operation, e.subresource) == (manager, operation, sub)), None)
+    for e in entries:
+        if e is not mine:
+            e.paths -= lose
+    owned = paths if operation == "Apply" else ((mine.paths if mine else set()) - lose) | paths
+    if mine is None:
+        entries.append(Managed(manager, operation, sub, owned, now()))
+    elif owned != mine.paths:
+        mine.paths, mine.time = owned, now()
+
+
 class Gone(Exception):
     pass
+
+
+@dataclass
+class Faults:
+    """What the fake does wrong on purpose, to the requests of one client (`token`, its bearer token: the
+    kubeconfig's, the operator's, by default; None: every client). Rates are fractions of its requests,
+    drawn from a random generator seeded with `seed`: the same requests in the same order meet the same
+    faults. A fault answers in the API server's place, before the request is served (nothing is written)."""
+
+    error_rate: float = 0.0  # requests answered 500 InternalError
+    throttle_rate: float = 0.0  # requests answered 429 TooManyRequests with Retry-After: `retry_after`
+    retry_after: int = 1
+    conflict_rate: float = 0.0  # writes that name a resourceVersion (PUT, a patch's metadata.resourceVersion)
+    #                             answered 409 Conflict, as when another writer got there first
+    latency: float = 0.0  # seconds added before each request is served
+    watch_lifetime: float = 0.0  # seconds after which a watch is closed (0: when the client asks)
+    gone_rate: float = 0.0  # watches from a resourceVersion older than the newest answered 410 Gone
+    seed: int = 0
+    token: str | None = "fake-token"
 
 
 class KubeFake:
@@ -163,15 +326,37 @@ class KubeFake:
             self.add_kind(k)
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind key, namespace, name) -> object
         self.rv = 0
-        self.history: list[tuple[int, str, str, dict]] = []  # (rv, kind key, type, object)
+        self.history: list[tuple[int, str, str | None, dict, bytes]] = []  # (rv, kind key, namespace, labels, line)
         self.changed: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0
+        self.verbs: Counter[str] = Counter()  # every request by verb (get, list, watch, create, patch, apply...)
         self.history_limit = HISTORY
         self.audit: set[tuple[str, str, str]] = set()  # (verb, group, resource[/sub]) asked with `audit_token`
         self.audit_token = "fake-token"
         self.created_at: dict[tuple[str, str, str], float] = {}  # key -> time.monotonic() of its creation  # the token of kubeconfig(): the operator's requests
         self.url = ""
+        self.epoch = 0  # drop_watches() ends the watches of an older epoch
+        self.intercept = None  # async (request, handler) -> response: a test's hand on every request
+        self.faults: Faults | None = None
+        self._random = random.Random(0)
+        self.injected: Counter[str] = Counter()  # faults injected: "500", "429", "409", "410", "closed"
+        self.trace: list[tuple[float, str, str, int]] = []  # (time.monotonic() at its start, method, path?query,
+        #                                                     status) of each request of the faulted client
+
+    def inject(self, faults: Faults | None) -> None:
+        """Inject these faults from now on (None: none); the generator starts again from their seed, the
+        counts and the trace from empty. Safe from any thread."""
+        self._random = random.Random(faults.seed if faults else 0)
+        self.injected = Counter()
+        self.trace = []
+        self.faults = faults
+
+    def _faulted(self, request: web.Request) -> Faults | None:
+        f = self.faults
+        if f is None or f.token is not None and request.headers.get("Authorization") != f"Bearer {f.token}":
+            return None
+        return f
 
     # --- kinds ------------------------------------------------------------------------------------
 
@@ -185,7 +370,10 @@ class KubeFake:
     # --- storage ----------------------------------------------------------------------------------
 
     def _emit(self, kind: Kind, type_: str, obj: dict) -> None:
-        self.history.append((self.rv, self.kkey(kind), type_, copy.deepcopy(obj)))
+        """Record a watch event, serialized once for every watcher (and so frozen as it is now)."""
+        meta = obj["metadata"]
+        line = json.dumps({"type": type_, "object": obj}).encode() + b"\n"
+        self.history.append((self.rv, self.kkey(kind), meta.get("namespace"), dict(meta.get("labels") or {}), line))
         if len(self.history) > self.history_limit:
             del self.history[: len(self.history) - self.history_limit]
         assert self.changed is not None
@@ -196,7 +384,8 @@ class KubeFake:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
 
-    def create(self, kind: Kind, ns: str | None, body: dict) -> tuple[int, dict]:
+    def create(self, kind: Kind, ns: str | None, body: dict, manager: str | None = None,
+               operation: str = "Update") -> tuple[int, dict]:
         meta = body.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
@@ -215,8 +404,11 @@ class KubeFake:
         body["apiVersion"], body["kind"] = kind.api_version, kind.kind
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
         meta.pop("deletionTimestamp", None)
+        meta.pop("managedFields", None)
         if kind.status:
             body.pop("status", None)
+        if manager:
+            write_managed(body, [Managed(manager, operation, "", set(fields(body, "all")), now())], kind.api_version)
         self._bump(body)
         self.objects[key] = body
         self.created_at[key] = time.monotonic()
@@ -224,11 +416,18 @@ class KubeFake:
         if kind.kind == "CustomResourceDefinition":
             spec = body.get("spec", {})
             for v in spec.get("versions", []):
+                subs = v.get("subresources") or {}
+                scale = subs.get("scale")
                 self.add_kind(Kind(spec["group"], v["name"], spec["names"]["plural"], spec["names"]["kind"],
-                                   spec.get("scope") == "Namespaced", "status" in (v.get("subresources") or {})))
+                                   spec.get("scope") == "Namespaced", "status" in subs,
+                                   (scale["specReplicasPath"], scale["statusReplicasPath"],
+                                    scale.get("labelSelectorPath")) if scale else None))
         return 201, body
 
-    def update(self, kind: Kind, key: tuple, new: dict, sub: str | None, expect_rv: str | None) -> tuple[int, dict]:
+    def update(self, kind: Kind, key: tuple, new: dict, sub: str | None, expect_rv: str | None,
+               manager: str | None = None, managed: list[Managed] | None = None) -> tuple[int, dict]:
+        """Replace an object (or its status); `manager` owns the fields this changes, or `managed` (an
+        apply's) are the object's managed fields."""
         old = self.objects.get(key)
         if old is None:
             return 404, {"reason": "NotFound", "message": f'{kind.plural} "{key[2]}" not found'}
@@ -241,7 +440,7 @@ class KubeFake:
             if new["status"] is None:
                 new.pop("status")
         else:
-            meta = new.setdefault("metadata", {})
+            meta = new["metadata"] = dict(new.get("metadata") or {})  # a merge patch shares the old one's
             for field in ("uid", "creationTimestamp", "namespace", "name", "generation", "deletionTimestamp"):
                 if field in old["metadata"]:
                     meta[field] = old["metadata"][field]
@@ -258,6 +457,19 @@ class KubeFake:
                     return 422, {"reason": "Invalid", "message": "metadata.finalizers: Forbidden: no new finalizers "
                                                                  "can be added if the object is being deleted"}
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+        new["metadata"].pop("managedFields", None)  # the server's, never a client's
+        if old["metadata"].get("managedFields"):
+            new["metadata"]["managedFields"] = copy.deepcopy(old["metadata"]["managedFields"])
+        if managed is not None:
+            write_managed(new, managed, kind.api_version)
+        elif manager:
+            part = self._part(kind, sub)
+            before, after = fields(old, part), fields(new, part)
+            changed = {p for p, v in after.items() if p not in before or before[p] != v}
+            if changed or before.keys() - after.keys():
+                entries = Managed.read(old)
+                take(entries, manager, "Update", sub or "", changed, changed | (before.keys() - after.keys()))
+                write_managed(new, entries, kind.api_version)
 
         def spec_part(o: dict) -> dict:
             return {k: v for k, v in o.items() if k not in ("metadata", "status")}
@@ -273,6 +485,44 @@ class KubeFake:
         else:
             self._emit(kind, "MODIFIED", new)
         return 200, new
+
+    @staticmethod
+    def _part(kind: Kind, sub: str | None) -> str:
+        return "status" if sub == "status" else "main" if kind.status else "all"
+
+    def apply(self, kind: Kind, ns: str | None, name: str, sub: str | None, body: Any, manager: str,
+              force: bool) -> tuple[int, dict]:
+        """Server-side apply of `body` by `manager` (the module's docstring says what it does)."""
+        if not isinstance(body, dict) or (body.get("apiVersion"), body.get("kind")) != (kind.api_version, kind.kind):
+            return 400, {"reason": "BadRequest", "message": f"an apply must be a {kind.api_version} {kind.kind}"}
+        meta = body.get("metadata") or {}
+        if meta.get("name", name) != name:
+            return 400, {"reason": "BadRequest", "message": "the name of the object does not match the name on the URL"}
+        key = (self.kkey(kind), ns or "" if kind.namespaced else "", name)
+        live = self.objects.get(key)
+        if live is None:
+            if sub:
+                return 404, {"reason": "NotFound", "message": f'{kind.plural} "{name}" not found'}
+            return self.create(kind, ns, {**copy.deepcopy(body), "metadata": {**meta, "name": name}}, manager, "Apply")
+        part = self._part(kind, sub)
+        applied = fields(body, part)
+        entries = Managed.read(live)
+        mine = next((e for e in entries if (e.manager, e.operation, e.subresource) == (manager, "Apply", sub or "")),
+                    None)
+        theirs = {p for e in entries if e is not mine and e.subresource == (sub or "") for p in e.paths}
+        conflicts = {p for p in applied if p in theirs and _get(live, p) != applied[p]}
+        if conflicts and not force:
+            owners = sorted({e.manager for e in entries if e.paths & conflicts})
+            listed = ", ".join("." + ".".join(p) for p in sorted(conflicts))
+            return 409, {"reason": "Conflict", "message": f"Apply failed with {len(conflicts)} conflict(s): conflict with "
+                                                          f"{', '.join(map(repr, owners))}: {listed}"}
+        new = copy.deepcopy(live)
+        for path in (mine.paths if mine else set()) - applied.keys() - theirs:  # no longer applied: removed
+            _unset(new, path)
+        for path, value in applied.items():
+            _set(new, path, value)
+        take(entries, manager, "Apply", sub or "", set(applied), conflicts)
+        return self.update(kind, key, new, sub, meta.get("resourceVersion"), managed=entries)
 
     def delete(self, kind: Kind, key: tuple, propagation: str = "Background") -> tuple[int, dict]:
         obj = self.objects.get(key)
@@ -373,6 +623,10 @@ class KubeFake:
             if k.status:
                 out.append({"name": f"{k.plural}/status", "singularName": "", "namespaced": k.namespaced,
                             "kind": k.kind, "verbs": ["get", "patch", "update"]})
+            if k.scale:
+                out.append({"name": f"{k.plural}/scale", "singularName": "", "namespaced": k.namespaced,
+                            "group": "autoscaling", "version": "v1", "kind": "Scale",
+                            "verbs": ["get", "patch", "update"]})
         return {"kind": "APIResourceList", "apiVersion": "v1",
                 "groupVersion": f"{group}/{version}" if group else version, "resources": out}
 
@@ -389,14 +643,19 @@ class KubeFake:
         assert kind is not None
         if kind.namespaced is False and ns:
             return status_error(404, "NotFound", "the server could not find the requested resource")
-        if sub not in (None, "status") or (sub == "status" and not kind.status):
+        if sub not in (None, "status", "scale") or (sub == "status" and not kind.status) or (
+                sub == "scale" and not kind.scale):
             return status_error(404, "NotFound", "the server could not find the requested resource")
         q = request.query
         m = request.method
-        if request.headers.get("Authorization") == f"Bearer {self.audit_token}":
-            verb = {"GET": "get" if name else ("watch" if q.get("watch") in ("true", "1") else "list"),
-                    "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(m, m)
+        verb = {"GET": "get" if name else ("watch" if q.get("watch") in ("true", "1") else "list"),
+                "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(m, m)
+        audited = request.headers.get("Authorization") == f"Bearer {self.audit_token}"
+        if audited:
             self.audit.add((verb, kind.group, kind.plural + (f"/{sub}" if sub else "")))
+        applying = m == "PATCH" and request.content_type == APPLY
+        self.verbs["apply" if applying else verb] += 1
+        manager = q.get("fieldManager") or request.headers.get("User-Agent", "").split("/")[0] or "unknown"
         if name is None:
             if m == "GET" and q.get("watch") in ("true", "1"):
                 return await self._watch(request, kind, ns)
@@ -408,7 +667,7 @@ class KubeFake:
                 return web.json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
                                           "metadata": {"resourceVersion": str(self.rv)}, "items": items})
             if m == "POST":
-                code, obj = self.create(kind, ns, await request.json())
+                code, obj = self.create(kind, ns, await request.json(), manager)
                 return web.json_response(obj, status=code) if code < 300 else status_error(code, obj["reason"],
                                                                                            obj["message"])
             return status_error(405, "MethodNotAllowed", f"{m} is not supported on a collection here")
@@ -416,6 +675,18 @@ class KubeFake:
         if kind.namespaced and not ns:
             return status_error(404, "NotFound", "the server could not find the requested resource")
         current = self.objects.get(key)
+        if sub == "scale":
+            return await self._scale(request, kind, key, current, manager)
+        if applying:
+            if not q.get("fieldManager"):
+                return status_error(422, "Invalid", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required "
+                                                    "value: is required for apply patch")
+            code, obj = self.apply(kind, ns, name, sub, await request.json(), q["fieldManager"],
+                                   q.get("force", "").lower() in ("true", "1"))
+            if audited and code == 201:  # an apply that creates is authorized as a create too
+                self.audit.add(("create", kind.group, kind.plural))
+            return web.json_response(obj, status=code) if code < 300 else status_error(code, obj["reason"],
+                                                                                       obj["message"])
         if m == "GET":
             if current is None:
                 return status_error(404, "NotFound", f'{kind.plural} "{name}" not found')
@@ -426,7 +697,7 @@ class KubeFake:
             code, obj = self.delete(kind, key, propagation)
         elif m == "PUT":
             body = await request.json()
-            code, obj = self.update(kind, key, body, sub, (body.get("metadata") or {}).get("resourceVersion"))
+            code, obj = self.update(kind, key, body, sub, (body.get("metadata") or {}).get("resourceVersion"), manager)
         elif m == "PATCH":
             if current is None:
                 return status_error(404, "NotFound", f'{kind.plural} "{name}" not found')
@@ -443,54 +714,112 @@ class KubeFake:
                     return status_error(415, "UnsupportedMediaType", f"the patch type {ctype} is not supported")
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
                 return status_error(422, "Invalid", str(e))
-            code, obj = self.update(kind, key, new, sub, expect)
+            code, obj = self.update(kind, key, new, sub, expect, manager)
         else:
             return status_error(405, "MethodNotAllowed", f"{m} is not supported")
         return web.json_response(obj, status=code) if code < 300 else status_error(code, obj["reason"], obj["message"])
+
+    @staticmethod
+    def _path(obj: dict, path: str | None) -> Any:
+        node: Any = obj
+        for part in (path or "").strip(".").split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    def _scale_view(self, kind: Kind, obj: dict) -> dict:
+        assert kind.scale is not None
+        spec_path, status_path, selector_path = kind.scale
+        meta = {k: obj["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in obj["metadata"]}
+        status: dict[str, Any] = {"replicas": self._path(obj, status_path) or 0}
+        if selector_path and self._path(obj, selector_path):
+            status["selector"] = self._path(obj, selector_path)
+        return {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": meta,
+                "spec": {"replicas": self._path(obj, spec_path) or 0}, "status": status}
+
+    async def _scale(self, request: web.Request, kind: Kind, key: tuple, current: dict | None,
+                     manager: str) -> web.Response:
+        """GET / PUT / PATCH of `<resource>/scale`: the Scale's spec.replicas is the object's specReplicasPath."""
+        if current is None:
+            return status_error(404, "NotFound", f'{kind.plural} "{key[2]}" not found')
+        view = self._scale_view(kind, current)
+        if request.method == "GET":
+            return web.json_response(view)
+        body = await request.json()
+        if request.method == "PUT":
+            scale, expect = body, (body.get("metadata") or {}).get("resourceVersion")
+        elif request.method == "PATCH" and request.content_type == "application/json-patch+json":
+            scale, expect = jsonpatch.apply_patch(view, body), None
+        elif request.method == "PATCH":
+            scale, expect = merge_patch(view, body), (body.get("metadata") or {}).get("resourceVersion")
+        else:
+            return status_error(405, "MethodNotAllowed", f"{request.method} is not supported on scale")
+        replicas = (scale.get("spec") or {}).get("replicas")
+        if not isinstance(replicas, int) or replicas < 0:
+            return status_error(422, "Invalid", f"Scale.spec.replicas: Invalid value: {replicas!r}: must be greater "
+                                                "than or equal to 0")
+        new = copy.deepcopy(current)
+        node = new
+        *parents, leaf = kind.scale[0].strip(".").split(".")  # type: ignore[index]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = replicas
+        code, obj = self.update(kind, key, new, None, expect, manager)
+        if code >= 300:
+            return status_error(code, obj["reason"], obj["message"])
+        return web.json_response(self._scale_view(kind, obj))
 
     async def _watch(self, request: web.Request, kind: Kind, ns: str | None) -> web.StreamResponse:
         q = request.query
         kk = self.kkey(kind)
 
-        def wanted(o: dict) -> bool:
-            return ((ns is None or o["metadata"].get("namespace") == ns)
-                    and label_match(q.get("labelSelector"), o["metadata"].get("labels") or {})
-                    and field_match(q.get("fieldSelector"), o))
+        def wanted(namespace: str | None, labels: dict, line: bytes) -> bool:
+            return ((ns is None or namespace == ns) and label_match(q.get("labelSelector"), labels)
+                    and (not q.get("fieldSelector") or field_match(q["fieldSelector"], json.loads(line)["object"])))
 
         since = q.get("resourceVersion") or "0"
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
 
-        async def send(type_: str, obj: dict) -> None:
-            await resp.write(json.dumps({"type": type_, "object": obj}).encode() + b"\n")
+        def line(type_: str, obj: dict) -> bytes:
+            return json.dumps({"type": type_, "object": obj}).encode() + b"\n"
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(q.get("timeoutSeconds") or 1800)
+        faults = self._faulted(request)
+        closes = bool(faults and faults.watch_lifetime and loop.time() + faults.watch_lifetime < deadline)
+        if closes:
+            deadline = loop.time() + faults.watch_lifetime  # type: ignore[union-attr]
         if since == "0":
             pos = self.rv
             for (okk, _, _), o in list(self.objects.items()):
-                if okk == kk and wanted(o):
-                    await send("ADDED", o)
+                if okk == kk and wanted(o["metadata"].get("namespace"), o["metadata"].get("labels") or {},
+                                        added := line("ADDED", o)):
+                    await resp.write(added)
         else:
             pos = int(since)
             oldest = self.history[0][0] if self.history else self.rv + 1
-            if pos < oldest - 1 and pos < self.rv:
-                await send("ERROR", {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                     "reason": "Expired", "code": 410,
-                                     "message": f"too old resource version: {pos} ({oldest - 1})"})
+            gone = bool(faults and faults.gone_rate and pos < self.rv and self._random.random() < faults.gone_rate)
+            if gone or pos < oldest - 1 and pos < self.rv:
+                self.injected["410"] += gone
+                await resp.write(line("ERROR", {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                                "status": "Failure", "reason": "Expired", "code": 410,
+                                                "message": f"too old resource version: {pos} ({oldest - 1})"}))
                 return resp
         try:
-            while True:
+            epoch = self.epoch
+            while self.epoch == epoch:
                 assert self.changed is not None
                 changed = self.changed
                 start = self._index_after(pos)
-                for rv, ekk, type_, obj in self.history[start:]:
+                for rv, ekk, namespace, labels, data in self.history[start:]:
                     pos = rv
-                    if ekk == kk and wanted(obj):
-                        await send(type_, obj)
+                    if ekk == kk and wanted(namespace, labels, data):
+                        await resp.write(data)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    self.injected["closed"] += closes
                     break
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5))
@@ -499,6 +828,13 @@ class KubeFake:
         except (ConnectionResetError, asyncio.CancelledError):
             return resp
         return resp
+
+    def drop_watches(self) -> None:
+        """End every watch now, as an API server's restart does (clients resume from their last version)."""
+        self.epoch += 1
+        assert self.changed is not None
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     def _index_after(self, rv: int) -> int:
         lo, hi = 0, len(self.history)
@@ -519,7 +855,7 @@ class KubeFake:
             self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self.loop)
             self.changed = asyncio.Event()
-            app = web.Application(client_max_size=64 * 2**20)
+            app = web.Application(client_max_size=64 * 2**20, middlewares=[self._intercept, self._inject])
             app.router.add_route("*", "/{tail:.*}", self.handle)
             self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
             self.loop.run_until_complete(self._runner.setup())
@@ -535,6 +871,51 @@ class KubeFake:
         self._thread.start()
         ready.wait(10)
         return self
+
+    @web.middleware
+    async def _intercept(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every request through `intercept` when a test sets it: it may record the request, answer in
+        the fake's place (an error, a delay, no answer) or call `handler` and look at the response."""
+        if self.intercept is None:
+            return await handler(request)
+        return await self.intercept(request, handler)
+
+    @web.middleware
+    async def _inject(self, request: web.Request, handler) -> web.StreamResponse:
+        """The faults (`inject`) of the client they are for: latency, then a 500 or 429, then a 409 for a
+        write that names a resourceVersion; the watch faults are the watch's own (`_watch`)."""
+        f = self._faulted(request)
+        if f is None:
+            return await handler(request)
+        start = time.monotonic()
+        response = await self._fault(request, f) or await handler(request)
+        self.trace.append((start, request.method, request.path_qs, response.status))
+        return response
+
+    async def _fault(self, request: web.Request, f: Faults) -> web.StreamResponse | None:
+        if f.latency:
+            await asyncio.sleep(f.latency)
+        draw = self._random.random()
+        if draw < f.error_rate:
+            self.injected["500"] += 1
+            return status_error(500, "InternalError", "Internal error occurred: injected by the fake")
+        if draw < f.error_rate + f.throttle_rate:
+            self.injected["429"] += 1
+            body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 429,
+                    "reason": "TooManyRequests", "details": {"retryAfterSeconds": f.retry_after},
+                    "message": "the server has received too many requests and has asked us to try again later"}
+            return web.json_response(body, status=429, headers={"Retry-After": str(f.retry_after)})
+        if f.conflict_rate and request.method in ("PUT", "PATCH"):
+            try:
+                body = await request.json()
+            except ValueError:
+                return None
+            named = isinstance(body, dict) and (body.get("metadata") or {}).get("resourceVersion")
+            if named and self._random.random() < f.conflict_rate:
+                self.injected["409"] += 1
+                return status_error(409, "Conflict", "Operation cannot be fulfilled: the object has been modified; "
+                                                     "please apply your changes to the latest version and try again")
+        return None
 
     def stop(self) -> None:
         if self.loop:

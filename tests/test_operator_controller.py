@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 import yaml
-from helpers import free_port
-from kaito.operator.validation import admission_review
+from helpers import REPO, free_port
+from kaito.operator.webhook import admission_review
 from kube_fake import KubeFake
 from kube_sim import EXAMPLES, NC, WS, Cluster, Operator, example, inference, state, wait_for
 
@@ -47,7 +47,7 @@ def env(tmp_path_factory, tls):
 
 
 def test_inference_workspace_to_ready(env):
-    cluster, *_ = env
+    cluster, _, ports, fake = env
     cluster.create(inference("ws-ready"))
     claims = wait_for(lambda: cluster.list(NC, "NodeClaim", "kaito.sh/workspace=ws-ready"), 30, "NodeClaims")
     assert len(claims) == 1 and claims[0]["metadata"]["labels"]["apps"] == "ws-ready"
@@ -56,6 +56,7 @@ def test_inference_workspace_to_ready(env):
     assert cluster.condition(ws, "ResourceReady")["status"] == "False"
     assert cluster.condition(ws, "InferenceReady")["reason"] == "WaitingForNodes"
     assert kaito_finalizer(ws)
+    assert not events_of(cluster, "ws-ready")  # five conditions waiting: no news yet
     sts = wait_for(lambda: cluster.get("apps/v1", "StatefulSet", "ws-ready"), 20, "StatefulSet")
     uid = ws["metadata"]["uid"]
     for kind, name in (("StatefulSet", "ws-ready"), ("Service", "ws-ready"), ("Service", "ws-ready-headless")):
@@ -73,18 +74,40 @@ def test_inference_workspace_to_ready(env):
     for t in ("NodeClaimReady", "ResourceReady", "InferenceReady", "WorkspaceSucceeded"):
         assert cluster.condition(ws, t)["status"] == "True", t
     assert ws["status"]["workerNodes"] == [f"aks-{claims[0]['metadata']['name']}-0"]
+    assert {"NodeClaimsReady", "WorkspaceSucceeded"} <= {e["reason"] for e in events_of(cluster, "ws-ready")}
+    sts = cluster.get("apps/v1", "StatefulSet", "ws-ready")
+    assert sts["metadata"]["annotations"]["kaito.sh/rendered-hash"]
+    assert [(m["manager"], m["operation"]) for m in sts["metadata"]["managedFields"]
+            if not m.get("subresource")] == [("kaito", "Apply")]
 
-    # steady state: resyncs write nothing; drift is put back
-    before = cluster.get("apps/v1", "StatefulSet", "ws-ready")["metadata"]["resourceVersion"]
-    ws_rv = cluster.workspace("ws-ready")["metadata"]["resourceVersion"]
+    # steady state: resyncs (every second here) read the caches and write nothing: no request at all
+    reconciled, requests, rv = reconciles(ports["metrics"]), fake.requests, fake.rv
     time.sleep(2.5)
-    assert cluster.get("apps/v1", "StatefulSet", "ws-ready")["metadata"]["resourceVersion"] == before
-    assert cluster.workspace("ws-ready")["metadata"]["resourceVersion"] == ws_rv
+    assert fake.requests == requests and fake.rv == rv
+    assert reconciles(ports["metrics"]) >= reconciled + 2  # they did run
+    # drift is put back
     cluster.r("apps/v1", "StatefulSet").patch(body={"spec": {"replicas": 7}}, name="ws-ready", namespace="default",
                                               content_type="application/merge-patch+json")
     wait_for(lambda: cluster.get("apps/v1", "StatefulSet", "ws-ready")["spec"]["replicas"] == 1, 20, "drift undone")
     cluster.delete("v1", "Service", "ws-ready-headless")
     wait_for(lambda: cluster.get("v1", "Service", "ws-ready-headless"), 20, "deleted Service re-created")
+
+
+def events_of(cluster: Cluster, name: str) -> list[dict]:
+    return [e for e in cluster.list("v1", "Event", None) if e["involvedObject"]["name"] == name]
+
+
+def reconciles(port: int) -> float:
+    text = _get(f"http://127.0.0.1:{port}/metrics") or ""
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("kaito_operator_reconciles_total{"))
+
+
+def unfit(doc: dict) -> dict:
+    """phi-4 on one T4 with the transformers runtime: it needs three T4 nodes, which only vLLM spreads over."""
+    doc["resource"]["instanceType"] = "Standard_NC4as_T4_v3"
+    doc["metadata"]["annotations"] = {"kaito.sh/runtime": "transformers"}
+    return doc
 
 
 def kaito_finalizer(obj: dict) -> bool:
@@ -95,19 +118,19 @@ def kaito_finalizer(obj: dict) -> bool:
     ({"containerStatuses": [{"name": "kaito-serve", "image": "ghcr.io/x:1", "ready": False, "restartCount": 3,
                              "state": {"waiting": {"reason": "CrashLoopBackOff"}},
                              "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]},
-     "OOMKilled", "out of memory"),
+     "ContainerOOMKilled", "out of memory"),
     ({"containerStatuses": [{"name": "kaito-serve", "image": "ghcr.io/x:1", "ready": False, "restartCount": 0,
                              "state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}}}]},
-     "ImagePullFailed", "pull access denied"),
+     "ImagePullError", "pull access denied"),
     ({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                       "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
      "Unschedulable", "Insufficient nvidia.com/gpu"),
     ({"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."},
-     "Evicted", "low on resource"),
+     "PodEvicted", "low on resource"),
     ({"containerStatuses": [{"name": "kaito-serve", "image": "ghcr.io/x:1", "ready": False, "restartCount": 5,
                              "state": {"waiting": {"reason": "CrashLoopBackOff"}},
                              "lastState": {"terminated": {"reason": "Error", "exitCode": 1}}}]},
-     "CrashLoopBackOff", "exit code 1"),
+     "ContainerCrashLoopBackOff", "exit code 1"),
 ])
 def test_pod_failures_are_named(env, status, reason, words):
     cluster, *_ = env
@@ -171,7 +194,7 @@ def test_tuning_to_failed(env):
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]})
     wait_for(lambda: state(cluster, "tune-bad") == "Failed", 20, "Failed")
     cond = cluster.condition(cluster.workspace("tune-bad"), "WorkspaceSucceeded")
-    assert cond["status"] == "False" and cond["reason"] == "OOMKilled" and "tune-bad-x1" in cond["message"]
+    assert cond["status"] == "False" and cond["reason"] == "ContainerOOMKilled" and "tune-bad-x1" in cond["message"]
 
 
 def test_ragengine_to_ready(env):
@@ -218,6 +241,18 @@ def test_multi_node_workspace_with_its_config(env):
     assert len(cluster.workspace(name)["status"]["workerNodes"]) == 2
 
 
+def test_node_count_from_the_estimator_recorded_once(env):
+    """An upstream v0.12 manifest without resource.count: the estimator's two nodes, recorded in
+    status.targetNodeCount, which later reconciles keep."""
+    cluster, *_ = env
+    doc = yaml.safe_load((REPO / "tests" / "upstream" / "workspace_qwen_2.5_coder_32b_instruct.yaml").read_text())
+    cluster.create(doc)
+    name = doc["metadata"]["name"]
+    wait_for(lambda: len(cluster.list(NC, "NodeClaim", f"kaito.sh/workspace={name}")) == 2, 30, "two NodeClaims")
+    wait_for(lambda: (cluster.workspace(name).get("status") or {}).get("targetNodeCount") == 2, 20, "targetNodeCount")
+    assert cluster.get("apps/v1", "StatefulSet", name)["spec"]["replicas"] == 2
+
+
 def test_template_workspace_to_ready(env):
     cluster, *_ = env
     cluster.create(example("kaito_workspace_phi_3_template.yaml", "ws-template"))
@@ -228,14 +263,35 @@ def test_template_workspace_to_ready(env):
     wait_for(lambda: state(cluster, "ws-template") == "Ready", 20, "Ready")
 
 
+def test_adapters_removed_leave_no_init_container(env):
+    """Server-side apply: what kaito no longer renders goes from the live object (a merge patch left the
+    adapter's init container and volume behind)."""
+    cluster, *_ = env
+    cluster.create(example("kaito_workspace_falcon_7b_with_adapters.yaml", "ws-adapters"))
+    sts = wait_for(lambda: cluster.get("apps/v1", "StatefulSet", "ws-adapters"), 30, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["weights", "adapter-falcon-7b-adapter"]
+    assert {"adapters", "pull-secret-acr-pull"} <= {v["name"] for v in pod["volumes"]}
+    cluster.r(WS, "Workspace").patch(body={"inference": {"adapters": None}}, name="ws-adapters", namespace="default",
+                                     content_type="application/merge-patch+json")
+    def pod_spec() -> dict:
+        return cluster.get("apps/v1", "StatefulSet", "ws-adapters")["spec"]["template"]["spec"]
+
+    wait_for(lambda: [c["name"] for c in pod_spec().get("initContainers", [])] == ["weights"], 20,
+             "the adapter's init container removed")
+    pod = pod_spec()
+    assert not {"adapters", "adapter-falcon-7b-support", "pull-secret-acr-pull"} & {v["name"] for v in pod["volumes"]}
+
+
 def test_invalid_workspace_is_reported(env):
     cluster, *_ = env
-    doc = inference("ws-invalid")
-    doc["resource"]["instanceType"] = "Standard_NC4as_T4_v3"  # phi-4 does not fit one T4
+    doc = unfit(inference("ws-invalid"))
     cluster.create(doc)
     wait_for(lambda: state(cluster, "ws-invalid") == "NotReady", 20, "NotReady")
     cond = cluster.condition(cluster.workspace("ws-invalid"), "ResourceReady")
-    assert cond["reason"] == "InvalidWorkspace" and "GPU memory" in cond["message"]
+    assert cond["reason"] == "InvalidWorkspace" and "Multi-node distributed inference" in cond["message"]
+    warned = [e["type"] for e in events_of(cluster, "ws-invalid") if e["reason"] == "InvalidWorkspace"]
+    assert warned and set(warned) == {"Warning"}
     assert not cluster.list(NC, "NodeClaim", "kaito.sh/workspace=ws-invalid")
 
 
@@ -253,6 +309,7 @@ def test_deletion_cleans_up(env):
              20, "NodeClaim deleted")
     time.sleep(1.5)
     assert cluster.workspace("ws-gone") is not None  # held by its finalizer while the claim goes
+    assert cluster.condition(cluster.workspace("ws-gone"), "WorkspaceDeleting")["status"] == "True"
     cluster.r(NC, "NodeClaim").patch(body={"metadata": {"finalizers": None}}, name=claim,
                                      content_type="application/merge-patch+json")
     wait_for(lambda: cluster.workspace("ws-gone") is None, 20, "Workspace gone")
@@ -266,14 +323,13 @@ def test_metrics_and_webhook(env, tls):
     assert 'kaito_operator_reconciles_total{kind="Workspace"}' in text
     assert 'kaito_operator_resources{kind="Workspace",state="Ready"}' in text
     assert "kaito_operator_reconcile_duration_seconds_bucket" in text
-    bad = inference("ws-hook")
-    bad["resource"]["instanceType"] = "Standard_NC4as_T4_v3"
+    bad = unfit(inference("ws-hook"))
     review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
               "request": {"uid": "u1", "operation": "CREATE", "object": bad}}
     url = f"https://127.0.0.1:{ports['webhook']}/validate"
     with httpx.Client(verify=ssl.create_default_context(cafile=str(tls[0]))) as c:
         answer = c.post(url, json=review, timeout=10).json()
-        assert answer["response"]["allowed"] is False and "GPU memory" in answer["response"]["status"]["message"]
+        assert answer["response"]["allowed"] is False and "Multi-node" in answer["response"]["status"]["message"]
         # referenced ConfigMaps are read from the cluster, in the request's namespace
         good = inference("ws-hook-config")
         good["inference"]["config"] = "my-config"
@@ -432,10 +488,80 @@ def test_200_workspaces_reach_steady_state(bare):
     print(f"200 Workspaces Ready in {elapsed:.1f} s")
 
 
+def test_render_sizes_the_model_once_per_reconcile(monkeypatch):
+    """Validation, the plan and the vLLM flags each ask the estimator; within a reconcile's memo it works the
+    answer out once."""
+    from kaito.operator.manifests import parse
+    from kaito.operator.render import render
+    from kaito.presets import estimator
+
+    asked = []
+    real = estimator._estimate
+    monkeypatch.setattr(estimator, "_estimate", lambda *a: asked.append(a) or real(*a))
+    ws = parse(inference("memo"))
+    render(ws)
+    assert len(asked) >= 3
+    asked.clear()
+    with estimator.memo():
+        first = render(ws)
+        assert render(ws) == first
+    assert len(asked) == 1
+
+
+def test_informer_resumes_and_lists_again():
+    """kube.Informer: the listing, then the watch; a dropped watch resumes from its version; one whose version
+    is gone from the API server's history (410) lists again, and what the new listing lacks is DELETED."""
+    import asyncio
+    import threading
+
+    from kaito.operator.kube import Informer, Kube
+
+    fake = KubeFake().start()
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        cluster = Cluster(fake.url)
+        seen: list[tuple[str, str]] = []
+
+        def cm(name: str, app: str = "x") -> dict:
+            return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "default",
+                                                                          "labels": {"app": app}}}
+
+        cluster.create(cm("a"))
+        cluster.create(cm("other", app="y"))
+        informer = Informer(Kube(cluster.api), "v1", "ConfigMap", "app=x",
+                            lambda type_, obj: seen.append((type_, obj["metadata"]["name"])), loop).start()
+        wait_for(informer.listed.is_set, 10, "listed")
+        cluster.create(cm("b"))
+        wait_for(lambda: ("ADDED", "b") in seen, 10, "b watched")
+        fake.call(fake.drop_watches)
+        cluster.create(cm("c"))
+        wait_for(lambda: ("ADDED", "c") in seen, 10, "c after the watch resumed")
+        assert seen == [("ADDED", "a"), ("ADDED", "b"), ("ADDED", "c")]  # resumed: nothing again
+
+        def expire() -> None:  # while nothing is watched: a goes, and the history forgets it
+            fake.history_limit = 1
+            fake.delete(fake.kinds[("", "v1", "configmaps")], ("/configmaps", "default", "a"))
+            fake.update(fake.kinds[("", "v1", "configmaps")], ("/configmaps", "default", "other"),
+                        {**cm("other", app="y"), "data": {"k": "v"}}, None, None)
+            fake.drop_watches()
+
+        fake.call(expire)
+        wait_for(lambda: ("DELETED", "a") in seen, 10, "a gone across the new listing")
+        fake.history_limit = 200_000
+        cluster.create(cm("d"))
+        wait_for(lambda: ("ADDED", "d") in seen, 10, "watched again")
+        assert seen.count(("DELETED", "a")) == 1 and ("ADDED", "other") not in seen
+        informer.stop()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        fake.stop()
+
+
 def test_feature_discovery_memory_is_matched_with_tolerance():
     """NVIDIA feature discovery reports usable MiB, below the advertised size: real nodes of the asked type
     match, smaller GPUs do not."""
-    from kaito.operator.controller import nfd_mismatch, sku_from_labels
+    from kaito.operator.cluster import nfd_mismatch, sku_from_labels
 
     def node(product, count, mib):
         labels = {"nvidia.com/gpu.product": product, "nvidia.com/gpu.count": str(count),

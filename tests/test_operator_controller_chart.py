@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import sys
 
+import helm_python as helm  # the `chart` extra (helm-python-sdk) renders and lints the chart
 import pytest
 import yaml
 from arm_fake import ArmFake
-from helpers import REPO
+from helpers import REPO, free_port
 from kaito.operator.cli import parser
 from kaito.operator.crds import crds_yaml, nodeclaim_chart_template, nodeclaim_crd
 from kaito.operator.schemas import object_errors
 from kube_fake import KubeFake
 from kube_sim import NC, Cluster, Operator, example, inference, state, wait_for
 
-helm = pytest.importorskip("helm_python", reason="the `chart` extra (helm-python-sdk) renders the chart")
 pytestmark = pytest.mark.timeout(120)
 CHART = REPO / "operator" / "charts" / "kaito-operator"
 AZURE = {"features": {"provisioner": "azure"},
@@ -101,17 +101,23 @@ def allowed(rules: list[dict], verb: str, group: str, resource: str) -> bool:
 
 def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
     """Run everything the operator does (Azure provisioner, leader election, inference, tuning, RAG,
-    deletion) and check each request against the chart's ClusterRole and Role."""
+    an autoscaled InferenceSet with the Gateway API Inference Extension, deletion) and check each request
+    against the chart's ClusterRole and Role."""
+    from addon_schemas import inferencepool_crd, keda_crd
     from azure_operator import StaticToken  # noqa: F401 - the launcher the Azure tests use
+    from test_inferenceset import iset
 
     fake, arm = KubeFake().start(), ArmFake().start()
     try:
         cluster = Cluster(fake.url)
+        cluster.create(keda_crd())
+        cluster.create(inferencepool_crd())
         cluster.install_crds()
         env = {"AZURE_SUBSCRIPTION_ID": "sub-1", "AZURE_RESOURCE_GROUP": "rg", "AZURE_CLUSTER_NAME": "aks",
                "AZURE_LOCATION": "eastus", "KAITO_AZURE_ARM_URL": arm.url, "KAITO_AZURE_POLLING_INTERVAL": "0.05"}
         op = Operator(fake.kubeconfig(tmp_path / "kubeconfig"), "--resync", "1", "--provisioner", "azure",
                       "--leader-elect", "--lease-namespace", "kaito-system", "--lease-duration", "3",
+                      "--scaler-port", str(free_port()), "--gateway-api-inference-extension",
                       log_path=tmp_path / "op.log", exe=[sys.executable, str(REPO / "tests" / "azure_operator.py")],
                       env=env).start()
         try:
@@ -119,7 +125,8 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
             tune = example("kaito_workspace_tuning_phi_3.yaml", "rbac-tune")
             cluster.create(tune)
             cluster.create(example("kaito_ragengine_phi_3.yaml", "rbac-rag"))
-            wait_for(lambda: len(arm.pools()) == 3, 40, "three agent pools")
+            cluster.create(iset("rbac-set", replicas=2))
+            wait_for(lambda: len(arm.pools()) == 5, 40, "five agent pools")
             for claim in cluster.list(NC, "NodeClaim"):
                 name = claim["metadata"]["name"]
                 cluster.add_gpu_node(f"aks-{name}", {"kaito.sh/nodeclaim": name})
@@ -127,21 +134,37 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
             wait_for(lambda: state(cluster, "rbac-ws") == "Ready", 30, "Ready")
             drifted = [("v1", "ConfigMap", "rbac-tune-tuning-config"), ("v1", "Service", "rbac-rag"),
                        ("apps/v1", "Deployment", "rbac-rag"), ("apps/v1", "StatefulSet", "rbac-ws"),
-                       ("batch/v1", "Job", "rbac-tune")]
+                       ("batch/v1", "Job", "rbac-tune"),
+                       ("keda.sh/v1alpha1", "ScaledObject", "rbac-set"), ("v1", "ServiceAccount", "rbac-set-epp"),
+                       ("rbac.authorization.k8s.io/v1", "Role", "rbac-set-epp"),
+                       ("rbac.authorization.k8s.io/v1", "RoleBinding", "rbac-set-epp"),
+                       ("inference.networking.k8s.io/v1", "InferencePool", "rbac-set")]
             for api, kind, name in drifted:  # someone edits what the operator owns: it is put back
                 cluster.r(api, kind).patch(body={"metadata": {"labels": {"app.kubernetes.io/name": None}}}, name=name,
                                            namespace="default", content_type="application/merge-patch+json")
             for api, kind, name in drifted:
                 wait_for(lambda a=api, k=kind, n=name: "app.kubernetes.io/name" in cluster.get(a, k, n)["metadata"][
                     "labels"], 20, f"{kind} {name} restored")
+            cluster.r("kaito.sh/v1beta1", "Workspace").patch(  # an InferenceSet's replica edited: put back
+                body={"metadata": {"labels": {"tier": None}}}, name="rbac-set-0", namespace="default",
+                content_type="application/merge-patch+json")
+            wait_for(lambda: "tier" in cluster.workspace("rbac-set-0")["metadata"]["labels"], 20, "replica restored")
             cluster.delete("kaito.sh/v1beta1", "Workspace", "rbac-ws")
             wait_for(lambda: cluster.workspace("rbac-ws") is None, 30, "deleted")
+            sets = cluster.r("kaito.sh/v1beta1", "InferenceSet")  # scaled down, autoscaling off, deleted
+            sets.scale.patch(body={"spec": {"replicas": 1}}, name="rbac-set", namespace="default",
+                             content_type="application/merge-patch+json")
+            sets.patch(body={"metadata": {"annotations": {"scaledobject.kaito.sh/auto-provision": None}}},
+                       name="rbac-set", namespace="default", content_type="application/merge-patch+json")
+            wait_for(lambda: cluster.get("keda.sh/v1alpha1", "ScaledObject", "rbac-set") is None, 30, "no ScaledObject")
+            cluster.delete("kaito.sh/v1beta1", "InferenceSet", "rbac-set")
+            wait_for(lambda: cluster.get("kaito.sh/v1beta1", "InferenceSet", "rbac-set") is None, 40, "set deleted")
         finally:
             op.kill()
     finally:
         fake.stop()
         arm.stop()
-    objects = render(AZURE)
+    objects = render({**AZURE, "features": {**AZURE["features"], "gatewayAPIInferenceExtension": True}})
     cluster_rules = next(o for o in objects if o["kind"] == "ClusterRole")["rules"]
     lease_rules = next(o for o in objects if o["kind"] == "Role")["rules"]
     assert fake.audit, "nothing audited"

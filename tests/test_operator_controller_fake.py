@@ -3,8 +3,10 @@ operator uses: each test pins one behaviour, through the real `kubernetes` clien
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from kube_fake import KubeFake, label_match
+from kube_fake import KubeFake, decode, label_match
 from kube_sim import Cluster
 from kubernetes import client, watch
 from kubernetes.dynamic.exceptions import ApiException, ConflictError, NotFoundError
@@ -122,6 +124,26 @@ def test_watch_from_a_version_too_old_is_410(cluster, core, fake):
         fake.history_limit = 200_000
 
 
+def test_dropped_watches_end(cluster, core, fake):
+    """drop_watches() ends every watch, as an API server's restart does."""
+    import threading
+
+    seen: list[str] = []
+
+    def follow() -> None:
+        for e in watch.Watch().stream(core.list_namespaced_config_map, "default", label_selector="drop=yes",
+                                      timeout_seconds=30):
+            seen.append(e["object"].metadata.name)
+
+    listener = threading.Thread(target=follow)
+    listener.start()
+    core.create_namespaced_config_map("default", cm("d1", drop="yes"))
+    time.sleep(0.5)
+    fake.call(fake.drop_watches)
+    listener.join(5)
+    assert not listener.is_alive() and seen == ["d1"]
+
+
 def test_status_subresource_and_generation(cluster):
     ws = {"apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "s1", "namespace": "default"},
           "resource": {"instanceType": "Standard_NC24ads_A100_v4"}, "inference": {"preset": {"name": "phi-4"}},
@@ -193,5 +215,124 @@ def test_discovery_and_custom_resources(cluster, fake):
     assert "namespace" not in nc["metadata"]  # cluster scoped
     with pytest.raises(ConflictError):
         cluster.create({"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "metadata": {"name": "nc1"}})
-    with pytest.raises(ApiException):
-        cluster.r("karpenter.sh/v1", "NodeClaim").patch(body={"a": 1}, name="nc1", content_type="application/apply-patch+yaml")
+
+
+def test_scale_subresource(cluster, fake):
+    """A CRD's scale subresource (the InferenceSet's, as kubectl scale and the HPA use it): GET gives an
+    autoscaling/v1 Scale from the CRD's paths; PATCH and PUT set spec.replicas (a new generation); a
+    negative count is 422; kinds without one answer 404."""
+    import httpx
+
+    names = {r["name"] for r in httpx.get(f"{fake.url}/apis/kaito.sh/v1beta1").json()["resources"]}
+    assert "inferencesets/scale" in names and "workspaces/scale" not in names
+    cluster.create({"apiVersion": "kaito.sh/v1beta1", "kind": "InferenceSet", "metadata": {"name": "sc1"},
+                    "spec": {"replicas": 2, "labelSelector": {"matchLabels": {"a": "b"}},
+                             "template": {"inference": {"preset": {"name": "phi-4"}}}}})
+    cluster.patch_status("kaito.sh/v1beta1", "InferenceSet", "sc1", {"replicas": 2, "selector": "x=sc1"})
+    scale = cluster.r("kaito.sh/v1beta1", "InferenceSet").scale
+    got = scale.get(name="sc1", namespace="default").to_dict()
+    assert got["kind"] == "Scale" and got["spec"] == {"replicas": 2}
+    assert got["status"] == {"replicas": 2, "selector": "x=sc1"}
+    before = cluster.get("kaito.sh/v1beta1", "InferenceSet", "sc1")["metadata"]["generation"]
+    patched = scale.patch(body={"spec": {"replicas": 3}}, name="sc1", namespace="default",
+                          content_type="application/merge-patch+json").to_dict()
+    assert patched["spec"]["replicas"] == 3
+    obj = cluster.get("kaito.sh/v1beta1", "InferenceSet", "sc1")
+    assert obj["spec"]["replicas"] == 3 and obj["metadata"]["generation"] == before + 1
+    got["spec"]["replicas"] = 1
+    got["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
+    assert scale.replace(body=got, name="sc1", namespace="default").to_dict()["spec"]["replicas"] == 1
+    with pytest.raises(ApiException) as e:
+        scale.patch(body={"spec": {"replicas": -1}}, name="sc1", namespace="default",
+                    content_type="application/merge-patch+json")
+    assert e.value.status == 422
+    assert httpx.get(f"{fake.url}/apis/kaito.sh/v1beta1/namespaces/default/workspaces/x/scale").status_code == 404
+
+
+# --- server-side apply ---------------------------------------------------------------------------------------
+
+
+def sts(name: str, **labels: str) -> dict:
+    """A StatefulSet as kaito applies one: an adapter init container and a server container."""
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "namespace": "default",
+                                                                         "labels": labels},
+            "spec": {"replicas": 1, "template": {"spec": {"initContainers": [{"name": "adapter", "image": "a:1"}],
+                                                          "containers": [{"name": "main", "image": "m:1"}]}}}}
+
+
+def owned(obj: dict, manager: str, operation: str = "Apply", sub: str = "") -> set[tuple[str, ...]]:
+    """The fields `manager` owns in an object, from its managedFields."""
+    return next((decode(e["fieldsV1"]) for e in obj["metadata"].get("managedFields") or []
+                 if (e["manager"], e["operation"], e.get("subresource", "")) == (manager, operation, sub)), set())
+
+
+def apply(cluster, body: dict, manager: str = "kaito", force: bool = True) -> dict:
+    res = cluster.r(body["apiVersion"], body["kind"])
+    return res.server_side_apply(body=body, namespace=body["metadata"].get("namespace"), field_manager=manager,
+                                 force_conflicts=force).to_dict()
+
+
+def test_apply_creates_and_removes_what_is_no_longer_applied(cluster, fake):
+    """An apply creates a missing object (authorized as a create too); applying it again changes nothing (no
+    new resourceVersion); fields the manager stops applying go, unless another manager set them."""
+    body = sts("ssa-1", app="x", tier="gpu")
+    fake.audit.clear()
+    cluster.api.configuration.api_key = {"authorization": f"Bearer {fake.audit_token}"}
+    try:
+        made = apply(cluster, body)
+    finally:
+        cluster.api.configuration.api_key = {"authorization": "Bearer fake"}
+    assert {("patch", "apps", "statefulsets"), ("create", "apps", "statefulsets")} <= fake.audit
+    assert made["metadata"]["uid"] and made["spec"]["replicas"] == 1
+    assert {("spec", "replicas"), ("metadata", "labels", "tier"), ("spec", "template", "spec", "initContainers")} <= owned(
+        made, "kaito")
+    rv = fake.rv
+    assert apply(cluster, body)["metadata"]["resourceVersion"] == made["metadata"]["resourceVersion"] and fake.rv == rv
+    cluster.r("apps/v1", "StatefulSet").patch(body={"metadata": {"labels": {"extra": "kept"}}}, name="ssa-1",
+                                              namespace="default", content_type="application/merge-patch+json")
+    del body["spec"]["template"]["spec"]["initContainers"]  # e.g. a Workspace's adapters removed
+    del body["metadata"]["labels"]["tier"]
+    after = apply(cluster, body)
+    assert "initContainers" not in after["spec"]["template"]["spec"]
+    assert after["metadata"]["labels"] == {"app": "x", "extra": "kept"}  # the other manager's label stays
+    assert ("spec", "template", "spec", "initContainers") not in owned(after, "kaito")
+    with pytest.raises(ApiException) as e:
+        cluster.r("apps/v1", "StatefulSet").server_side_apply(body=body, namespace="default")  # no fieldManager
+    assert e.value.status == 422
+
+
+def test_apply_conflicts_with_another_manager_unless_forced(cluster):
+    apply(cluster, sts("ssa-2"))
+    theirs = sts("ssa-2")
+    theirs["spec"]["replicas"] = 3
+    with pytest.raises(ConflictError) as e:
+        apply(cluster, theirs, manager="autoscaler", force=False)
+    assert e.value.status == 409 and "kaito" in e.value.body and ".spec.replicas" in e.value.body
+    same = sts("ssa-2")  # the same value is no conflict: both own it
+    assert apply(cluster, same, manager="autoscaler", force=False)["spec"]["replicas"] == 1
+    taken = apply(cluster, theirs, manager="autoscaler", force=True)
+    assert taken["spec"]["replicas"] == 3
+    assert ("spec", "replicas") in owned(taken, "autoscaler") and ("spec", "replicas") not in owned(taken, "kaito")
+    back = apply(cluster, sts("ssa-2"))  # kaito forces it back
+    assert back["spec"]["replicas"] == 1 and ("spec", "replicas") in owned(back, "kaito")
+
+
+def test_other_writes_take_the_fields_they_change(cluster):
+    """A merge patch (an Update) owns what it changes, taken from the applier; a removal takes a field from
+    everyone; a status write is an entry of its own; a later apply that changes them back conflicts."""
+    made = apply(cluster, sts("ssa-3", app="x"))
+    res = cluster.r("apps/v1", "StatefulSet")
+    edited = res.patch(body={"spec": {"replicas": 5}, "metadata": {"labels": {"app": None}}}, name="ssa-3",
+                       namespace="default", content_type="application/merge-patch+json",
+                       field_manager="kubectl-edit").to_dict()
+    assert ("spec", "replicas") in owned(edited, "kubectl-edit", "Update")
+    mine = owned(edited, "kaito")
+    assert ("spec", "replicas") not in mine and ("metadata", "labels", "app") not in mine
+    assert mine < owned(made, "kaito")  # what an operator compares to see that its object was edited
+    status = res.status.patch(body={"status": {"readyReplicas": 1}}, name="ssa-3", namespace="default",
+                              content_type="application/merge-patch+json").to_dict()
+    assert owned(status, "OpenAPI-Generator", "Update", "status") == {("status", "readyReplicas")}
+    assert owned(status, "kaito") == mine  # untouched by the status write
+    with pytest.raises(ConflictError):
+        apply(cluster, sts("ssa-3", app="x"), force=False)
+    assert apply(cluster, sts("ssa-3", app="x"))["spec"]["replicas"] == 1

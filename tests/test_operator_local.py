@@ -1,9 +1,6 @@
 """The local runner, as a user runs it: `kaito-operator local apply/get/logs/delete` start real
 `kaito-serve` / `kaito-rag` / `kaito-tune` processes; the tests talk to them over HTTP with the
 openai SDK and httpx. State lives under a test KAITO_HOME (the materialised default model is shared).
-
-The RAGEngine and tuning tests run once `kaito.ragservice.server` and `kaito.tuning.cli` exist
-(issues 4 and 5); until then they are skipped by `pytest.importorskip`.
 """
 
 from __future__ import annotations
@@ -175,7 +172,6 @@ def test_inference_workspace_answers(served):
 
 
 def test_ragengine_against_the_workspace(served, tmp_path):
-    pytest.importorskip("kaito.ragservice.server")
     _, env = served
     path = tmp_path / "rag.yaml"
     path.write_text(RAGENGINE)
@@ -222,7 +218,6 @@ def test_crashed_process_shows_failed_then_delete_cleans_up(served):
 
 
 def test_tuning_workspace_runs_to_completion(home, tmp_path):
-    pytest.importorskip("kaito.tuning.cli")
     _, env = home
     data = tmp_path / "data"
     data.mkdir()

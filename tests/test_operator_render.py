@@ -16,6 +16,7 @@ import yaml
 from helpers import REPO, run_cli
 from kaito.operator.crds import crds, resource_schema
 from kaito.operator.manifests import dump_yaml, load, loads
+from kaito.operator.parts import RenderOptions
 from kaito.operator.render import render
 from kaito.operator.schemas import object_errors
 from kaito.presets import InferenceConfig, estimate, get_model, get_sku
@@ -109,14 +110,23 @@ def test_single_node_inference():
     assert claim["metadata"]["labels"]["apps"] == "phi-4"
 
 
-def test_multi_node_inference_uses_ray_and_the_estimator():
+def test_multi_node_inference_uses_vllms_multi_node_mode_and_the_estimator():
     objects = rendered(REPO / "operator" / "examples" / "kaito_workspace_llama-3.3_70b_instruct.yaml")
     sts = by_kind(objects, "StatefulSet")[0]
     assert sts["spec"]["replicas"] == 2 and len(by_kind(objects, "NodeClaim")) == 2
-    script = sts["spec"]["template"]["spec"]["containers"][0]["command"][2]
-    assert "ray start --head" in script and "ray start --address=" in script and "--node-count 2" in script
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(c["command"])
+    assert c["command"][0] == "kaito-serve" and "--node-count 2" in command  # the same command in every pod
+    leader = "workspace-llama-3-3-70b-instruct-0.workspace-llama-3-3-70b-instruct-headless.default.svc.cluster.local"
+    assert f"--leader-address {leader}" in command
+    rank = next(e for e in c["env"] if e["name"] == "KAITO_NODE_RANK")
+    assert rank["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert c["startupProbe"]["httpGet"]["path"] == "/health"  # every pod answers /health, workers too
+    assert {p["containerPort"] for p in c["ports"]} == {5000, 29500, 29501}
+    headless = next(s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None")
+    assert {p["port"] for p in headless["spec"]["ports"]} == {5000, 29500, 29501}
     args = sts["spec"]["template"]["metadata"]["annotations"]["kaito.sh/engine-args"]
-    assert "--pipeline-parallel-size 2" in args and "--distributed-executor-backend ray" in args
+    assert "--pipeline-parallel-size 2" in args and "--distributed-executor-backend mp --nnodes 2" in args
     assert "--max-model-len 16384" in args  # from the ConfigMap
     svc = next(s for s in by_kind(objects, "Service") if "clusterIP" not in s["spec"])
     assert svc["spec"]["selector"]["apps.kubernetes.io/pod-index"] == "0"
@@ -138,8 +148,8 @@ def test_the_parsed_inference_config_is_what_kaito_serve_reads():
     cm = by_kind(objects, "ConfigMap")[0]
     assert cm["metadata"]["name"] == "workspace-deepseek-r1-distill-qwen-14b-inference-config"
     text = cm["data"]["inference_config.yaml"]
-    assert "max_probe_steps" not in text  # upstream's key, which kaito-serve refuses
-    assert InferenceConfig(**yaml.safe_load(text)).vllm["max-model-len"] == 131072
+    config = InferenceConfig.parse(text)  # the parser kaito-serve --config uses
+    assert config.vllm["max-model-len"] == 131072 and config.max_probe_steps == 6  # upstream's key kept
     volumes = by_kind(objects, "StatefulSet")[0]["spec"]["template"]["spec"]["volumes"]
     assert {"name": "config", "configMap": {"name": cm["metadata"]["name"]}} in volumes
 
@@ -147,19 +157,62 @@ def test_the_parsed_inference_config_is_what_kaito_serve_reads():
 def test_adapters_are_mounted():
     objects = rendered(REPO / "operator" / "examples" / "kaito_workspace_falcon_7b_with_adapters.yaml")
     pod = by_kind(objects, "StatefulSet")[0]["spec"]["template"]["spec"]
-    assert pod["initContainers"][0]["image"] == "myregistry.azurecr.io/adapters/falcon-7b-adapter:0.0.1"
+    # the adapter image is read by kaito's own image, nothing in it runs; its pull secret goes to the puller
+    weights, init = pod["initContainers"]  # the model's weights first, then the adapter
+    assert weights["command"] == ["kaito-presets", "download", "falcon-7b"]
+    assert init["image"] == pod["containers"][0]["image"] == RenderOptions().image("kaito-serve")
+    assert init["command"] == ["kaito-presets", "pull", "myregistry.azurecr.io/adapters/falcon-7b-adapter:0.0.1",
+                               "/mnt/adapter/falcon-7b-adapter", "--auth", "/mnt/pull-secrets/acr-pull/config.json"]
+    assert {"name": "pull-secret-acr-pull", "mountPath": "/mnt/pull-secrets/acr-pull", "readOnly": True} in init[
+        "volumeMounts"]
+    assert {"name": "pull-secret-acr-pull", "secret": {"secretName": "acr-pull", "items": [
+        {"key": ".dockerconfigjson", "path": "config.json"}]}} in pod["volumes"]
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {"/mnt/adapter", "/mnt/adapter/falcon-7b-support"} <= mounts
     assert "--adapters-dir" in pod["containers"][0]["command"]
-    assert pod["imagePullSecrets"] == [{"name": "acr-pull"}]
+    assert "imagePullSecrets" not in pod  # the kubelet pulls kaito's images only
+
+
+def test_hub_weights_are_fetched_by_an_init_container(tmp_path):
+    """The hub's weights come before kaito-serve starts (not counted against its startup probe), into the
+    weights volume with the access token; not for weights on the node or in the image."""
+    objects = rendered(REPO / "operator" / "examples" / "kaito_workspace_phi_4.yaml")
+    pod = by_kind(objects, "StatefulSet")[0]["spec"]["template"]["spec"]
+    weights = pod["initContainers"][0]
+    assert weights["name"] == "weights" and weights["image"] == RenderOptions().image("kaito-serve")
+    assert weights["command"] == ["kaito-presets", "download", "phi-4"]
+    assert weights["volumeMounts"] == [{"name": "weights", "mountPath": "/workspace/weights"}]
+    assert {"name": "HF_HOME", "value": "/workspace/weights"} in weights["env"]
+    doc = yaml.safe_load((REPO / "operator" / "examples" / "kaito_workspace_phi_4.yaml").read_text())
+    doc["metadata"]["annotations"] = {"kaito.sh/use-local-weights": "true"}
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(doc))
+    assert "initContainers" not in by_kind(rendered(tmp_path / "local.yaml"), "StatefulSet")[0]["spec"]["template"][
+        "spec"]
+
+
+def test_embedding_model_image_is_pulled_by_kaito_rag(tmp_path):
+    doc = yaml.safe_load((REPO / "operator" / "examples" / "kaito_ragengine_phi_3.yaml").read_text())
+    doc["spec"]["embedding"]["local"] = {"image": "myregistry.azurecr.io/embeddings/bge:1", "imagePullSecret": "acr"}
+    (tmp_path / "rag.yaml").write_text(yaml.safe_dump(doc))
+    pod = by_kind(rendered(tmp_path / "rag.yaml"), "Deployment")[0]["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert init["image"] == pod["containers"][0]["image"] == RenderOptions().image("kaito-rag")
+    assert init["command"] == ["kaito-presets", "pull", "myregistry.azurecr.io/embeddings/bge:1", "/mnt/embedding",
+                               "--auth", "/mnt/pull-secrets/acr/config.json"]
+    assert "imagePullSecrets" not in pod
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["LOCAL_EMBEDDING_MODEL_ID"] == "/mnt/embedding"
 
 
 def test_tuning_jobs():
     objects = rendered(REPO / "operator" / "examples" / "kaito_workspace_tuning_phi_3.yaml")
     job = by_kind(objects, "Job")[0]
     pod = job["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["initContainers"]] == ["data-downloader", "kaito-tune"]
-    assert pod["containers"][0]["name"] == "pusher"
+    assert [c["name"] for c in pod["initContainers"]] == ["data-downloader"]
+    tuner = pod["containers"][0]  # kaito-tune pushes the adapter itself, with the push secret as Docker config
+    assert tuner["name"] == "kaito-tune" and tuner["command"][-2:] == ["--push", "myregistry.azurecr.io/adapters/tuned-adapter:0.0.1"]
+    assert {"name": "DOCKER_CONFIG", "value": "/mnt/push-secret"} in tuner["env"]
+    assert {"name": "push-secret", "mountPath": "/mnt/push-secret", "readOnly": True} in tuner["volumeMounts"]
     config = by_kind(objects, "ConfigMap")[0]
     assert "load_in_4bit: true" in config["data"]["training_config.yaml"]  # qlora default
     pvc = rendered(REPO / "operator" / "examples" / "kaito_workspace_tuning_phi_3_with_pvc_volume.yaml")
@@ -171,20 +224,22 @@ def test_tuning_jobs():
     image = rendered(REPO / "operator" / "examples" / "kaito_workspace_tuning_falcon_7b_image.yaml")
     assert not by_kind(image, "ConfigMap")  # the user's ConfigMap is used
     pod = by_kind(image, "Job")[0]["spec"]["template"]["spec"]
-    assert pod["initContainers"][0]["image"] == "myregistry.azurecr.io/datasets/dolly-15k:0.1.0"
+    assert pod["initContainers"][0]["image"] == RenderOptions().image("kaito-tune")
+    assert pod["initContainers"][0]["command"][:4] == ["kaito-presets", "pull",
+                                                       "myregistry.azurecr.io/datasets/dolly-15k:0.1.0", "/mnt/data"]
     assert {"name": "config", "configMap": {"name": "falcon-lora-params"}} in pod["volumes"]
 
 
 
 def test_gated_tuning_preset_gets_the_token(tmp_path):
-    from kaito.operator.render import model_access_secret
+    from kaito.operator.plan import model_access_secret
 
     doc = yaml.safe_load((REPO / "operator" / "examples" / "kaito_workspace_tuning_phi_3.yaml").read_text())
     doc["tuning"]["preset"]["presetOptions"] = {"modelAccessSecret": "hf-token"}
     (tmp_path / "ws.yaml").write_text(yaml.safe_dump(doc))
     m = load(tmp_path / "ws.yaml")
     assert model_access_secret(m.resources[0]) == "hf-token"  # what the local runner reads too
-    env = by_kind(rendered(tmp_path / "ws.yaml"), "Job")[0]["spec"]["template"]["spec"]["initContainers"][1]["env"]
+    env = by_kind(rendered(tmp_path / "ws.yaml"), "Job")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in env
 
 
@@ -197,7 +252,7 @@ def test_ragengine_environment():
     assert env["LLM_INFERENCE_URL"]["value"] == "http://workspace-phi-4/v1"
     assert env["LLM_CONTEXT_WINDOW"]["value"] == "16384"
     assert env["LLM_ACCESS_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "llm-key"
-    assert env["DEFAULT_VECTOR_DB_PERSIST_DIR"]["value"] == "/mnt/index"
+    assert env["DEFAULT_VECTOR_DB_PERSIST_DIR"]["value"] == "/mnt/index/ragengine-remote"  # the volume's <name> folder
     local = rendered(REPO / "operator" / "examples" / "kaito_ragengine_phi_3.yaml")
     env = {e["name"]: e for e in by_kind(local, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LOCAL_EMBEDDING_MODEL_ID"]["value"] == "BAAI/bge-small-en-v1.5"
@@ -216,7 +271,7 @@ def test_render_is_pure_and_owner_references_follow_the_uid():
 def test_crds():
     for crd in crds():
         assert object_errors(crd) == []
-    ws, rag = crds()
+    ws, rag, _ = crds()  # the InferenceSet's: tests/test_inferenceset.py
     assert ws["spec"]["names"]["shortNames"] == ["wk", "wks"]
     v1beta1 = ws["spec"]["versions"][0]
     assert v1beta1["name"] == "v1beta1" and v1beta1["storage"] and v1beta1["subresources"] == {"status": {}}
@@ -238,8 +293,8 @@ def test_cli_render_crds_validate(tmp_path):
     as_json = run_cli("kaito-operator", "render", "-f", str(path), "-o", "json")
     assert json.loads(as_json.stdout)["kind"] == "List"
     done = run_cli("kaito-operator", "crds")
-    assert [d["metadata"]["name"] for d in yaml.safe_load_all(done.stdout)] == ["workspaces.kaito.sh",
-                                                                                  "ragengines.kaito.sh"]
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all(done.stdout)] == [
+        "workspaces.kaito.sh", "ragengines.kaito.sh", "inferencesets.kaito.sh"]
     assert run_cli("kaito-operator", "validate", "-f", str(path)).returncode == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(path.read_text().replace("phi-4\n", "phi-5\n").replace("Standard_NC24ads_A100_v4",

@@ -7,7 +7,9 @@ import time
 
 import pytest
 from kaito.operator.manifests import ManifestError, loads, parse
-from kaito.operator.validation import admission_review, url_problem, validate
+from kaito.operator.sources import url_problem
+from kaito.operator.validation import validate
+from kaito.operator.webhook import admission_review
 
 INFERENCE = {
     "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "ws"},
@@ -65,6 +67,9 @@ def test_valid_resources_pass():
     assert messages(TUNING) == []
     assert messages(RAG) == []
     assert messages(with_(INFERENCE, "inference.config", "good")) == []
+    # upstream's optional RAGEngine parts: no compute (CPU), no LLM (retrieve-only), a Qdrant server
+    assert messages(with_(with_(RAG, "spec.compute", None), "spec.inferenceService", None)) == []
+    assert messages(with_(RAG, "spec.storage", {"vectorDB": {"engine": "qdrant", "url": "http://q"}})) == []
 
 
 ADAPTER = {"source": {"name": "a1", "image": "registry.io/adapters/a1:0.1"}, "strength": "0.5"}
@@ -90,16 +95,12 @@ CASES = {
     "no label selector": (with_(INFERENCE, "resource.labelSelector", None), "labelSelector is required"),
     "selector In without values": (with_(INFERENCE, "resource.labelSelector", {"matchExpressions": [
         {"key": "a", "operator": "In"}]}), "a: operator In needs values"),
-    "not enough GPU memory, smallest SKU named": (
-        with_(with_(INFERENCE, "inference.preset.name", "llama-3.3-70b-instruct"), "resource.count", 2),
-        ("needs 3 nodes of Standard_NC24ads_A100_v4 (3 x A100 80 GiB), but the count is 2. The smallest instance "
-        "type that holds it on 2 nodes: Standard_NC40ads_H100_v5")),
-    "model larger than one GPU of this SKU": (with_(INFERENCE, "resource.instanceType", "Standard_NC4as_T4_v3"),
-                                              "needs 3 nodes of Standard_NC4as_T4_v3"),
-    "transformers runtime on several nodes": (
-        with_(with_(with_(INFERENCE, "inference.preset.name", "llama-3.3-70b-instruct"), "resource.count", 3),
+    "transformers runtime on several nodes, smallest SKU named": (
+        with_(with_(INFERENCE, "inference.preset.name", "llama-3.3-70b-instruct"),
               "metadata.annotations", {"kaito.sh/runtime": "transformers"}),
-        "Multi-node distributed inference is not supported with Huggingface Transformers runtime"),
+        "Multi-node distributed inference is not supported with Huggingface Transformers runtime: "
+        "llama-3.3-70b-instruct needs 3 nodes of Standard_NC24ads_A100_v4; use the vLLM runtime (the default) or an "
+        "instance type that holds it on one node, such as Standard_NC80adis_H100_v5"),
     "unknown runtime": (with_(INFERENCE, "metadata.annotations", {"kaito.sh/runtime": "tgi"}),
                         "unsupported runtime 'tgi'"),
     "bad name": (with_(INFERENCE, "metadata.name", "My_Workspace"), "must be a DNS-1123 label"),
@@ -169,7 +170,6 @@ CASES = {
     "output with two destinations": (with_(TUNING, "tuning.output.image", "registry.io/out:1"),
                                      "Exactly one of Volume or Image must be specified"),
     "output missing": (with_(TUNING, "tuning.output", None), "missing field: Output"),
-    "rag without compute": (with_(RAG, "spec.compute", None), "Compute resource must be specified"),
     "rag unknown instance type": (with_(RAG, "spec.compute.instanceType", "Standard_X"), "Unsupported instance type"),
     "rag without embedding": (with_(RAG, "spec.embedding", None), "Embedding must be specified"),
     "rag with both embeddings": (with_(RAG, "spec.embedding.remote", {"url": "https://e.example.com"}),
@@ -182,11 +182,14 @@ CASES = {
                                          "Either image or modelID must be specified, not neither"),
     "rag remote embedding URL": (with_(RAG, "spec.embedding", {"remote": {"url": "not a url"}}), "URL input error"),
     "rag inference URL": (with_(RAG, "spec.inferenceService.url", "ws:80"), "URL input error"),
-    "rag without inference service": (with_(RAG, "spec.inferenceService", None), "InferenceService must be specified"),
     "rag context window": (with_(RAG, "spec.inferenceService.contextWindowSize", 0),
                            "ContextWindowSize must be a positive integer"),
-    "rag external vector DB": (with_(RAG, "spec.storage", {"vectorDB": {"engine": "qdrant", "url": "http://q"}}),
-                               "external vector databases are not supported"),
+    "rag vector DB engine": (with_(RAG, "spec.storage", {"vectorDB": {"engine": "milvus", "url": "http://q"}}),
+                             "unsupported vector database engine 'milvus'; supported: qdrant"),
+    "rag vector DB URL": (with_(RAG, "spec.storage", {"vectorDB": {"engine": "qdrant", "url": "q:6333"}}),
+                          "URL input error"),
+    "rag guardrails ConfigMap name": (with_(RAG, "spec.guardrails", {"enabled": True, "configMapRef": {"name": "Bad_Name"}}),
+                                      "is not a valid ConfigMap name"),
 }
 
 
