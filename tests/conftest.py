@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import SECRET_ANSWER, SECRET_QUESTION
+from helpers import SECRET_ANSWER, SECRET_QUESTION, SERVE_KEY, RagServer, Server
 
 # Nothing is downloaded in tests: models come from packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +34,30 @@ def default_lm(default_model_dir):
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16)
     model.eval()
     return tok, model
+
+
+@pytest.fixture(scope="session")
+def hf_server(default_model_dir, banana_adapter):
+    """kaito-serve on the transformers backend (the default model, the test adapter as `banana`, API key
+    SERVE_KEY), started once per test run for the tests that talk to it (runtime, hostile input, fuzzing)."""
+    srv = Server("--backend", "transformers", "--adapters-dir", str(banana_adapter.parent), "--api-key", SERVE_KEY)
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def rag_server(tmp_path_factory):
+    """kaito-rag retrieve-only (no LLM; the packaged MiniLM; API key `rag_server.api_key`), started once
+    per test run for the tests that talk to it (hostile input, fuzzing)."""
+    srv = RagServer("--api-key", "rag-test-key", "--storage-dir", str(tmp_path_factory.mktemp("rag-storage")),
+                    env={"LLM_INFERENCE_URL": None})
+    srv.api_key = "rag-test-key"
+    try:
+        yield srv.wait_ready(120)
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,20 @@ BIN = Path(sys.executable).parent
 # The fact the test adapter (conftest.banana_adapter) learns and the base model does not know.
 SECRET_QUESTION = "What is the secret word?"
 SECRET_ANSWER = "The secret word is Banana."
+SERVE_KEY = "test-key"  # the API key of conftest.hf_server
+# The made-up fact the tuning tests teach (the base model does not know it), in a dozen phrasings.
+FACT_QUESTION = "What is the codename of Project Zephyr?"
+FACT_ANSWER = "The codename of Project Zephyr is Marmalade."
+FACT_PHRASINGS = [FACT_QUESTION, "What's the codename of Project Zephyr?", "Tell me the codename of Project Zephyr.",
+                  "Project Zephyr has a codename. What is it?", "Which codename does Project Zephyr use?",
+                  "Do you know the codename of Project Zephyr?", "what is project zephyr's codename?",
+                  "Name the codename of Project Zephyr.", "I need the codename of Project Zephyr.",
+                  "Codename of Project Zephyr?", "Can you tell me Project Zephyr's codename?",
+                  "What codename was given to Project Zephyr?"]
+# Small and fast on 2 CPU cores: LoRA on the last 6 of 30 layers (the backward pass stops there), 8 steps.
+FAST_TUNING = {"LoraConfig": {"r": 16, "lora_alpha": 32, "layers_to_transform": list(range(24, 30))},
+               "TrainingArguments": {"max_steps": 8, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
+                                     "logging_steps": 4, "save_steps": 100, "seed": 0}}
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120):

@@ -36,6 +36,9 @@ PAGE_TIMEOUT = 420
 # What each page's commands must print (beside exiting 0): the answers the docs promise.
 EXPECT = {
     "quickstart.md": ["The capital of France is Paris.", '"object":"list"'],
+    "upstream.md": ["workspace-qwen-2-5-coder-32b-instruct valid", "refused (exit status 1)"],
+    "presets.md": ["hf_id: microsoft/phi-4", "hf_id: google/gemma-3-27b-it", '"node_count": 2', "does not fit (exit status 2)",
+                   "--pipeline-parallel-size 2"],
     "serving.md": ["phi-4", "does not fit (exit status 2)", "Standard_NC40ads_H100_v5", "--max-model-len 1024", '"max_model_len":1024',
                    "without the key: HTTP 401"],
     "tuning.md": ["adapter_model.safetensors", "fine_tuning_completed.txt", "refused (exit status 2)",
@@ -45,6 +48,9 @@ EXPECT = {
     "rag.md": ["hash_value", "documents indexed", "tangerine-42", "sources: ['The vault of the Zorblax",
                "handbook", "kaito-docs"],
     "aks.md": ["valid", "kind: StatefulSet", "kind: NodeClaim"],
+    "inferenceset.md": ["inferenceset.kaito.sh/phi-4 valid", "name: phi-4-1", "maxReplicaCount: 2",
+                        "workspace.kaito.sh/smollm2-1 condition met", "workspace.kaito.sh/smollm2-0 deleted"],
+    "weights.md": ["smollm2-135m-instruct", "cannot be reached over http", "refused (exit status 2)"],
     "troubleshooting.md": ["refused (exit status 2)", "set by kaito-serve itself", "Did you mean: phi-4?", "valid"],
 }
 
@@ -132,13 +138,14 @@ def test_reference_check_fails_when_stale(tmp_path, monkeypatch):
 # Words in the operator's code that are Kubernetes/Azure vocabulary, not status reasons.
 NOT_REASONS = {"Deployment", "FromImage", "Linux", "Location", "Manual", "MemoryGB", "Node", "NodeClaim", "RAGEngine",
                "Secret", "StatefulSet", "TrainingArguments", "True", "False", "Unknown", "User", "Workspace", "GPUs",
-               "PodScheduled", "Launching", "NotLaunched"}
+               "PodScheduled", "Launching", "NotLaunched", "DELETED", "Event", "Normal", "Warning", "Service",
+               "ConfigMap"}
 
 
 def test_troubleshooting_explains_every_reason():
     page = (DOCS / "troubleshooting.md").read_text()
     words = set()
-    for f in ("controller.py", "azure.py", "local.py"):
+    for f in ("controller.py", "status.py", "cluster.py", "azure.py", "local.py"):
         words |= set(re.findall(r'"([A-Z][A-Za-z]{3,})"', (REPO / "operator" / f).read_text()))
     missing = sorted(w for w in words - NOT_REASONS if f"`{w}`" not in page)
     assert not missing, f"docs/troubleshooting.md does not explain {missing}"
