@@ -214,13 +214,14 @@ class Kube:
 
     def echo(self, obj: Any) -> bool:
         """Whether a watch event's object is kaito's own last write of it (nothing new to look at). Once the
-        watch has shown it, the record of that write keeps only its version and applied fields."""
+        watch has shown it, the record of that write keeps only its version, applied fields and status (what
+        `latest` gives a body older than that write: a watch that resumes may show an earlier version again)."""
         key = _ref(obj)
         mine = self._written.get(key)
         if mine is None or mine["metadata"]["resourceVersion"] != obj["metadata"].get("resourceVersion"):
             return False
         self._written[key] = {"metadata": {"resourceVersion": mine["metadata"]["resourceVersion"]},
-                              **({APPLIED: mine[APPLIED]} if APPLIED in mine else {})}
+                              **{k: mine[k] for k in (APPLIED, "status") if k in mine}}
         return True
 
     def latest(self, obj: dict) -> dict:

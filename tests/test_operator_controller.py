@@ -576,3 +576,27 @@ def test_feature_discovery_memory_is_matched_with_tolerance():
     assert "less than Standard_NV36ads_A10_v5" in nfd_mismatch([node("Tesla-T4", 1, 15360)], "Standard_NV36ads_A10_v5")
     assert "less than Standard_ND96isr_H100_v5" in nfd_mismatch([node("NVIDIA-H100-80GB-HBM3", 4, 81559)],
                                                                 "Standard_ND96isr_H100_v5")
+
+
+def test_a_body_older_than_kaitos_status_write_gets_that_status():
+    """Kube.latest: a watch that resumes may show a Workspace's earlier version after the echo of kaito's
+    status write; the reconcile then starts from that write's status (not from none, which would post the
+    Events of every condition again)."""
+    from kaito.operator.kube import Kube
+
+    fake = KubeFake().start()
+    try:
+        cluster = Cluster(fake.url)
+        cluster.install_crds()
+        before = cluster.create(inference("older"))
+        kube = Kube(cluster.api)
+        status = {"state": "Ready", "conditions": [{"type": "WorkspaceSucceeded", "status": "True"}]}
+        kube.patch_status(WS, "Workspace", "older", "default", status, before["metadata"]["resourceVersion"])
+        after = cluster.get(WS, "Workspace", "older")
+        assert kube.echo(after) and not kube.echo(before)
+        seen = kube.latest(before)
+        assert seen["status"] == after["status"] == status
+        assert seen["metadata"]["resourceVersion"] == after["metadata"]["resourceVersion"]
+        assert kube.latest(after) is after
+    finally:
+        fake.stop()
