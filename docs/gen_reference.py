@@ -46,6 +46,7 @@ ENV = {
     "KAITO_TUNE_MAX_DOWNLOAD_MB": "kaito-tune: size limit of one downloaded data file (default 2048)",
     "KAITO_AUTO_PROVISION": "kaito-operator run: `false` is `--no-auto-provision` (bring your own nodes)",
     "KAITO_SCALER_ADDRESS": "kaito-operator run `--scaler-address`: host:port KEDA reaches the external scaler at",
+    "KAITO_MODEL_MIRROR_STORAGE_CLASS": "kaito-operator run `--model-mirror-storage-class`: the StorageClass of ModelMirror claims",
     "KAITO_PROVISIONER": "kaito-operator run `--provisioner` (`none` or `azure`)",
     "KAITO_AZURE_POOL_KIND": "Azure provisioner: `aks` (agent pools, default) or `vmss` (scale sets)",
     "KAITO_AZURE_ARM_URL": "Azure provisioner: the Azure Resource Manager endpoint (default the public cloud's)",

@@ -15,6 +15,8 @@ from pydantic.alias_generators import to_camel
 
 from .meta import API_VERSION, GROUP
 
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"  # a Kubernetes Quantity
+
 API_VERSIONS = (API_VERSION, f"{GROUP}/v1alpha1")  # v1alpha1 manifests (older upstream examples) read the same
 
 # Annotations of a Workspace, upstream KAITO's names
@@ -25,6 +27,8 @@ PERFORMANCE_MODE = "kaito.sh/performance-mode"  # vLLM --performance-mode: balan
 NODE_IMAGE_FAMILY = "kaito.sh/node-image-family"  # ubuntu | azurelinux: the OS image of provisioned nodes
 USE_LOCAL_WEIGHTS = "kaito.sh/use-local-weights"  # "true": weights from the node's /opt/kaito/models/<preset>
 DISABLE_BENCHMARK = "kaito.sh/disable-benchmark"  # upstream's post-load benchmark switch
+MODEL_MIRROR_STORAGE_CLASS = "kaito.sh/model-mirror-storage-class"  # the StorageClass of its model's mirror
+MODEL_STREAMING = "kaito.sh/model-streaming"  # "disabled": no mirror, the per-pod download (upstream's opt-out)
 
 
 class Spec(BaseModel):
@@ -338,3 +342,58 @@ class InferenceSet(Resource):
 
 
 KINDS["InferenceSet"] = InferenceSet
+
+
+# --- ModelMirror ----------------------------------------------------------------------------------------------
+
+
+class ObjectReference(Spec):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str = Field(min_length=1)
+    namespace: str | None = None
+
+
+class ModelMirrorSource(Spec):
+    registry: Literal["huggingface"] = Field(description="Where the weights come from (huggingface).")
+    model_id: str = Field(alias="modelID", min_length=1, description="The model's repository, e.g. "
+                          "microsoft/Phi-4-mini-instruct.")
+    access_secret: ObjectReference | None = Field(None, description="A Secret holding HF_TOKEN, for gated models.")
+
+
+class ModelMirrorStorage(Spec):
+    size: str = Field(pattern=QUANTITY, description="The PersistentVolumeClaim's size, e.g. 20Gi.")
+    storage_class_name: str | None = Field(None, description="The StorageClass of the claim (ReadWriteMany: "
+                                           "every pod of the model's Workspaces mounts it).")
+
+
+class ModelMirrorSpec(Spec):
+    mode: Literal["Managed", "Static"] = Field("Managed", description="Managed: kaito downloads the weights into "
+                                              "a claim; Static: they are already in storage of your own.")
+    source: ModelMirrorSource | None = None
+    storage: ModelMirrorStorage | None = None
+    job_namespace: str | None = Field(None, description="The namespace of the claim and the download Job.")
+
+
+class ModelMirrorStatus(Spec):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    phase: Literal["Pending", "Ready"] | None = None
+    model_path: str | None = None
+    conditions: list[Condition] | None = None
+    failure_message: str | None = None
+    last_download_time: str | None = None
+    downloaded_bytes: int | None = None
+    total_bytes: int | None = None
+    unused_since: str | None = None
+
+
+class ModelMirror(Resource):
+    """A model's weights downloaded once into a claim that every Workspace of the model mounts (cluster scoped)."""
+
+    kind: Literal["ModelMirror"] = "ModelMirror"
+    spec: ModelMirrorSpec = Field(default_factory=ModelMirrorSpec)
+    status: ModelMirrorStatus | None = None
+
+
+KINDS["ModelMirror"] = ModelMirror

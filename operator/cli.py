@@ -267,6 +267,14 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--gateway-api-inference-extension", dest="gateway", action="store_true",
                    help="an InferencePool and endpoint picker per InferenceSet (Gateway API Inference Extension)")
     o.add_argument("--epp-image", help="the endpoint picker's image (default: upstream KAITO's)")
+    o.add_argument("--model-mirror", action="store_true",
+                   help="download each hub model once per namespace into a ModelMirror's claim that its Workspaces "
+                        "mount (upstream's ModelMirror feature gate); needs a StorageClass")
+    o.add_argument("--model-mirror-storage-class", default=os.environ.get("KAITO_MODEL_MIRROR_STORAGE_CLASS"),
+                   help="the mirrors' StorageClass (ReadWriteMany; a Workspace's "
+                        "kaito.sh/model-mirror-storage-class overrides it)")
+    o.add_argument("--model-mirror-idle", type=float, default=24 * 3600, metavar="SECONDS",
+                   help="delete a mirror kaito made once no Workspace has used it this long (default: a day)")
     o.set_defaults(func=cmd_run)
 
     local = sub.add_parser("local", help="run resources on this machine, without a cluster")

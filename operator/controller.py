@@ -127,8 +127,10 @@ def reconcile(kube: Kube, cfg: Config, body: dict, seen: Seen) -> str | None:
                              st.Cond(st.SUCCEEDED[kind], False, reason, str(e))])
 
     # apply
+    for mirror in (o for o in objects if o["kind"] == "ModelMirror"):  # shared by the model's Workspaces
+        kube.ensure(mirror)
     claims = [o for o in objects if o["kind"] == "NodeClaim"] if cfg.auto_provision else []
-    workload = [o for o in objects if o["kind"] != "NodeClaim"]
+    workload = [o for o in objects if o["kind"] not in ("NodeClaim", "ModelMirror")]
     live = {(o["kind"], o["metadata"]["name"]): kube.apply(o, seen.objects) for o in claims + workload}
 
     # observe

@@ -102,6 +102,12 @@ PRINTER_COLUMNS = {
         _condition_column("ServiceReady"),
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ],
+    "ModelMirror": [
+        {"name": "Model", "type": "string", "jsonPath": ".spec.source.modelID"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Downloaded", "type": "integer", "jsonPath": ".status.downloadedBytes"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
     "InferenceSet": [
         {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
         {"name": "ReadyReplicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
@@ -115,7 +121,11 @@ NAMES = {
                   "shortNames": ["rag"], "categories": ["ragengine"]},
     "InferenceSet": {"kind": "InferenceSet", "listKind": "InferenceSetList", "plural": "inferencesets",
                      "singular": "inferenceset", "shortNames": ["is", "isets"], "categories": ["inferenceset"]},
+    "ModelMirror": {"kind": "ModelMirror", "listKind": "ModelMirrorList", "plural": "modelmirrors",
+                    "singular": "modelmirror", "categories": ["modelmirror"]},
 }
+CLUSTER_SCOPED = {"ModelMirror"}
+ONLY_VERSION = {"ModelMirror": "v1alpha1"}  # as upstream serves it; the others: v1beta1 stored, v1alpha1 too
 # The API server's defaults (pydantic's are dropped from the schema): the scale subresource reads spec.replicas
 DEFAULTS = {"InferenceSet": {"replicas": 1, "updateStrategy": {"type": "RollingUpdate",
                                                                "rollingUpdate": {"maxUnavailable": 1}}}}
@@ -132,16 +142,19 @@ def crd(kind: str) -> dict[str, Any]:
         for name, value in DEFAULTS[kind].items():
             schema["properties"]["spec"]["properties"][name]["default"] = value
     versions = []
+    stored = ONLY_VERSION.get(kind, VERSION)
     for api_version in API_VERSIONS:  # v1beta1 stored; v1alpha1 served with the same schema
         version = api_version.split("/")[1]
+        if kind in ONLY_VERSION and version != stored:
+            continue
         versions.append({
             "name": version,
             "served": True,
-            "storage": version == VERSION,
+            "storage": version == stored,
             "schema": {"openAPIV3Schema": schema},
             "subresources": SUBRESOURCES.get(kind, {"status": {}}),
             "additionalPrinterColumns": PRINTER_COLUMNS[kind],
-            **({} if version == VERSION else {"deprecated": True,
+            **({} if version == stored else {"deprecated": True,
                                               "deprecationWarning": f"{GROUP}/{version} {kind} is deprecated; use "
                                                                     f"{GROUP}/{VERSION}"}),
         })
@@ -149,7 +162,8 @@ def crd(kind: str) -> dict[str, Any]:
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{names['plural']}.{GROUP}"},
-        "spec": {"group": GROUP, "names": names, "scope": "Namespaced", "versions": versions},
+        "spec": {"group": GROUP, "names": names, "scope": "Cluster" if kind in CLUSTER_SCOPED else "Namespaced",
+                 "versions": versions},
     }
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 from kubernetes.watch.watch import iter_resp_lines
 from urllib3.util.retry import Retry
 
@@ -260,6 +260,24 @@ class Kube:
         res = self._res(obj["apiVersion"], obj["kind"])
         ns = obj["metadata"].get("namespace") if res.namespaced else None
         return res.create(body=obj, namespace=ns, field_manager=FIELD_MANAGER, serializer=_plain)
+
+    def ensure(self, obj: dict) -> None:
+        """Create `obj` unless it was made or found already: an object shared by several resources and never
+        changed after (a ModelMirror). `forget` it when it goes, so that the next call makes it again."""
+        key = _ref(obj)
+        if key in self._written:
+            return
+        try:
+            done = slim(self.create(obj))
+        except ConflictError:  # another resource's reconcile made it
+            done = {"metadata": {"resourceVersion": "0"}}
+        self._written[key] = done
+
+    def proxy(self, namespace: str, pod: str, port: int, path: str) -> str:
+        """GET `path` of a pod's `port` through the API server's pod proxy (what `kubectl get --raw` reads)."""
+        api = client.CoreV1Api(self.dyn.client)
+        return api.connect_get_namespaced_pod_proxy_with_path(f"{pod}:{port}", namespace, path,
+                                                              _request_timeout=(5, 10))
 
     def patch(self, api_version: str, kind: str, name: str, namespace: str | None, body: dict) -> dict:
         return self._res(api_version, kind).patch(body=body, name=name, namespace=namespace, content_type=MERGE,

@@ -91,7 +91,9 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
                  namespaces=list(args.namespace or []),
                  render=RenderOptions(**({"image_registry": args.registry} if args.registry else {}),
                                       **({"image_tag": args.tag} if args.tag else {}),
-                                      auto_provision=args.auto_provision))
+                                      auto_provision=args.auto_provision,
+                                      model_mirror=getattr(args, "model_mirror", False),
+                                      model_mirror_storage_class=getattr(args, "model_mirror_storage_class", None)))
     if args.webhook_port:  # stateless: every replica answers admission, the followers too
         _webhook(args, cfg)
     scaler_address = getattr(args, "scaler_address", None)
@@ -104,13 +106,24 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
         lead(args.lease_namespace, args.lease_name, identity, args.lease_duration)
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(kopf.login_via_client)
-    register(registry, cfg)
+    shared: list[Kube] = []
+
+    def kube(connections: int = 0) -> Kube:  # one client (and one record of kaito's writes) for all handlers
+        if not shared:
+            shared.append(Kube(connections=connections))
+        return shared[0]
+
+    register(registry, cfg, kube_factory=kube)
     from .inferenceset import EPP_IMAGE, SetConfig
     from .inferenceset_controller import register as register_sets
 
     register_sets(registry, SetConfig(auto_provision=cfg.auto_provision, resync=cfg.resync, render=cfg.render,
                                       scaler_address=scaler_address, gateway=getattr(args, "gateway", False),
                                       epp_image=getattr(args, "epp_image", None) or EPP_IMAGE))
+    if cfg.render.model_mirror:
+        from .mirror import register as register_mirrors
+
+        register_mirrors(registry, cfg.render, args.model_mirror_idle, kube)
     if args.provisioner == "azure":
         from .azure import register as register_azure
 

@@ -35,6 +35,8 @@ class RenderOptions(BaseModel):
     nodepool: str = "kaito"
     downloader_image: str = "curlimages/curl:8.11.1"
     auto_provision: bool = True  # False: the nodes are the user's (GPU partitions are allowed)
+    model_mirror: bool = False  # hub weights downloaded once per model and namespace into a ModelMirror's claim
+    model_mirror_storage_class: str | None = None  # its StorageClass (ReadWriteMany), unless a Workspace names one
 
     def image(self, component: str) -> str:
         return f"{self.image_registry}/{component}:{self.image_tag}"

@@ -49,6 +49,7 @@ from kaito.presets.estimator import disk_gib
 
 from . import parts
 from .api import RAGEngine, Resource, Workspace
+from .mirror import MIRROR_LABEL, mirror_for
 from .parts import RenderOptions
 from .plan import InferencePlan, RAGPlan, TuningPlan, model_access_secret, plan_inference, plan_rag, plan_tuning
 from .sizing import gpu_resource
@@ -77,14 +78,18 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     env = [{"name": HF_HOME_ENV, "value": WEIGHTS_DIR}]
     if secret := model_access_secret(ws):
         env.append(parts.secret_env(HF_TOKEN_ENV, secret, HF_TOKEN_ENV))
-    mounts, volumes = _weights(plan)
+    mirror = mirror_for(plan, opts)
+    if mirror:  # made by the controller when missing, shared by the model's Workspaces of the namespace
+        objects.append(mirror)
+    mounts, volumes = _weights(plan, mirror["metadata"]["name"] if mirror else None)
     if config_map:
         mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
         volumes.append({"name": "config", "configMap": {"name": config_map}})
     init: list[dict[str, Any]] = []
     if not plan.local_weights and plan.preset.source is None:
         # the hub's weights fetched before kaito-serve starts (kaito.presets.weights: locked, verified,
-        # resumed), so a long download is not counted against the startup probe; kaito-serve finds the copy
+        # resumed), so a long download is not counted against the startup probe; kaito-serve finds the copy.
+        # On a mirror's claim: it waits for the mirror's download, then finds the copy complete
         init.append({"name": "weights", "image": opts.image("kaito-serve"),
                      "command": ["kaito-presets", "download", plan.preset.name if plan.in_catalogue
                                  else plan.preset.hf_id],
@@ -145,7 +150,7 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     statefulset = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": parts.meta(ws, name, labels),
+        "metadata": parts.meta(ws, name, {**labels, **({MIRROR_LABEL: mirror["metadata"]["name"]} if mirror else {})}),
         "spec": {
             "replicas": n,
             "serviceName": headless,
@@ -171,15 +176,17 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     return [*claims, *objects, service, headless_svc, statefulset]
 
 
-def _weights(plan: InferencePlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Where a serving pod keeps weights: an emptyDir sized for the download, the user's PVC
-    (presetOptions.modelWeightsPVC: restarts skip the download), and the node's folder of
-    kaito.sh/use-local-weights (read-only)."""
+def _weights(plan: InferencePlan, mirror: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Where a serving pod keeps weights: an emptyDir sized for the download, the claim of the model's
+    ModelMirror or the user's PVC (presetOptions.modelWeightsPVC) (restarts skip the download), and the
+    node's folder of kaito.sh/use-local-weights (read-only)."""
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "weights", "mountPath": WEIGHTS_DIR}]
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     preset = plan.workspace.inference.preset if plan.workspace.inference else None
     options = preset.preset_options if preset else None
-    if options and options.model_weights_pvc:
+    if mirror:
+        volumes.append({"name": "weights", "persistentVolumeClaim": {"claimName": mirror}})
+    elif options and options.model_weights_pvc:
         volumes.append({"name": "weights", "persistentVolumeClaim": {"claimName": options.model_weights_pvc}})
         if options.model_weights_sub_path:
             mounts[1]["subPath"] = options.model_weights_sub_path

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .api import QUANTITY
+
 K8S_SCHEMA_VERSION = "1.37.0"  # the newest schema set kubernetes-validate 1.37 ships
 
 
@@ -83,7 +85,6 @@ class _Ref(BaseModel):
     name: str
 
 
-QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"  # Kubernetes Quantity
 
 
 class _Requirement(BaseModel):

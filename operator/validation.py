@@ -64,6 +64,27 @@ def validate(resource: Resource, old: Resource | None = None, lookup: Lookup | N
         from .inferenceset import validate_set
 
         errs += validate_set(resource, old, lookup, auto_provision)  # type: ignore[arg-type]
+    elif resource.kind == "ModelMirror":
+        errs = [e for e in errs if e.field != "metadata.name"]  # a DNS-1123 subdomain, as any cluster object's
+        if not DNS1123_SUBDOMAIN.match(resource.name):
+            errs.append(FieldError("metadata.name", f"{resource.name!r} must be a DNS-1123 subdomain"))
+        errs += validate_mirror(resource, old)  # type: ignore[arg-type]
+    return errs
+
+
+def validate_mirror(mm: Any, old: Any | None) -> list[FieldError]:
+    """A ModelMirror, with upstream's rules: the spec is immutable; a Static one names no source or storage; a
+    Managed one names both and a StorageClass (the schema checks the registry, the model and the size)."""
+    spec = mm.spec
+    if old is not None:
+        return [] if spec == old.spec else [FieldError("spec", "ModelMirror spec is immutable; delete and recreate "
+                                                               "to change")]
+    if spec.mode == "Static":
+        return [FieldError(f"spec.{f}", "must not be set for a Static mirror") for f in ("source", "storage")
+                if getattr(spec, f) is not None]
+    errs = [FieldError(f"spec.{f}", "missing field") for f in ("source", "storage") if getattr(spec, f) is None]
+    if spec.storage is not None and not spec.storage.storage_class_name:  # its size: the schema's pattern
+        errs.append(FieldError("spec.storage.storageClassName", "missing field"))
     return errs
 
 

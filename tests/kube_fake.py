@@ -30,6 +30,8 @@ the operator uses (`tests/test_operator_controller_fake.py` pins each behaviour)
 - CustomResourceDefinitions: creating one serves its resource;
 - an audit of the verbs and resources a client asked for (to check RBAC rules against), and a count
   of every request by verb (`verbs`);
+- the pod proxy (`GET pods/NAME[:PORT]/proxy/PATH`), forwarded to the pod's address (`proxies`, for a
+  pod whose process a test runs here);
 - faults injected on purpose (`inject(Faults(...))`, changeable while it runs, seeded): a fraction of
   requests answered 500 or 429 with `Retry-After`, 409 Conflict on a fraction of the writes that name a
   resourceVersion, added latency, watches closed after a few seconds, 410 Gone on a fraction of the
@@ -57,6 +59,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import jsonpatch
 from aiohttp import web
 
@@ -339,6 +342,7 @@ class KubeFake:
         self.epoch = 0  # drop_watches() ends the watches of an older epoch
         self.intercept = None  # async (request, handler) -> response: a test's hand on every request
         self.faults: Faults | None = None
+        self.proxies: dict[tuple[str, str], str] = {}  # (namespace, pod) -> "host:port" of the pod proxy
         self._random = random.Random(0)
         self.injected: Counter[str] = Counter()  # faults injected: "500", "429", "409", "410", "closed"
         self.trace: list[tuple[float, str, str, int]] = []  # (time.monotonic() at its start, method, path?query,
@@ -630,6 +634,23 @@ class KubeFake:
         return {"kind": "APIResourceList", "apiVersion": "v1",
                 "groupVersion": f"{group}/{version}" if group else version, "resources": out}
 
+    async def _proxy(self, request: web.Request, ns: str, name: str) -> web.StreamResponse:
+        """GET through the pod proxy (`pods/NAME[:PORT]/proxy/PATH`) to the pod's address: `proxies[(namespace,
+        pod)]` ("host:port", set by a test that runs the pod's process here), else its status.podIP and PORT."""
+        pod_name, _, port = name.partition(":")
+        pod = self.objects.get((self.kkey(self.kinds[("", "v1", "pods")]), ns, pod_name))
+        if pod is None:
+            return status_error(404, "NotFound", f'pods "{pod_name}" not found')
+        target = self.proxies.get((ns, pod_name)) or f"{(pod.get('status') or {}).get('podIP')}:{port or 80}"
+        rest = request.path.split("/proxy/", 1)[1] if "/proxy/" in request.path else ""
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, session.get(
+                    f"http://{target}/{rest}") as resp:
+                body = await resp.read()
+                return web.Response(body=body, status=resp.status, content_type=resp.content_type)
+        except (TimeoutError, aiohttp.ClientError) as e:
+            return status_error(503, "ServiceUnavailable", f"error trying to reach service: {e}")
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         if request.path.rstrip("/") == "/version":
@@ -643,6 +664,10 @@ class KubeFake:
         assert kind is not None
         if kind.namespaced is False and ns:
             return status_error(404, "NotFound", "the server could not find the requested resource")
+        if kind.plural == "pods" and sub == "proxy" and name and request.method == "GET":
+            if request.headers.get("Authorization") == f"Bearer {self.audit_token}":
+                self.audit.add(("get", "", "pods/proxy"))
+            return await self._proxy(request, ns or "", name)
         if sub not in (None, "status", "scale") or (sub == "status" and not kind.status) or (
                 sub == "scale" and not kind.scale):
             return status_error(404, "NotFound", "the server could not find the requested resource")

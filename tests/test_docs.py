@@ -139,13 +139,13 @@ def test_reference_check_fails_when_stale(tmp_path, monkeypatch):
 NOT_REASONS = {"Deployment", "FromImage", "Linux", "Location", "Manual", "MemoryGB", "Node", "NodeClaim", "RAGEngine",
                "Secret", "StatefulSet", "TrainingArguments", "True", "False", "Unknown", "User", "Workspace", "GPUs",
                "PodScheduled", "Launching", "NotLaunched", "DELETED", "Event", "Normal", "Warning", "Service",
-               "ConfigMap"}
+               "ConfigMap", "ModelMirror", "Managed", "OnFailure", "PersistentVolumeClaim", "ReadWriteMany"}
 
 
 def test_troubleshooting_explains_every_reason():
     page = (DOCS / "troubleshooting.md").read_text()
     words = set()
-    for f in ("controller.py", "status.py", "cluster.py", "azure.py", "local.py"):
+    for f in ("controller.py", "status.py", "cluster.py", "azure.py", "local.py", "mirror.py"):
         words |= set(re.findall(r'"([A-Z][A-Za-z]{3,})"', (REPO / "operator" / f).read_text()))
     missing = sorted(w for w in words - NOT_REASONS if f"`{w}`" not in page)
     assert not missing, f"docs/troubleshooting.md does not explain {missing}"

@@ -105,6 +105,7 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
     against the chart's ClusterRole and Role."""
     from addon_schemas import inferencepool_crd, keda_crd
     from azure_operator import StaticToken  # noqa: F401 - the launcher the Azure tests use
+    from kaito.operator.mirror import mirror_name
     from test_inferenceset import iset
 
     fake, arm = KubeFake().start(), ArmFake().start()
@@ -117,7 +118,8 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
                "AZURE_LOCATION": "eastus", "KAITO_AZURE_ARM_URL": arm.url, "KAITO_AZURE_POLLING_INTERVAL": "0.05"}
         op = Operator(fake.kubeconfig(tmp_path / "kubeconfig"), "--resync", "1", "--provisioner", "azure",
                       "--leader-elect", "--lease-namespace", "kaito-system", "--lease-duration", "3",
-                      "--scaler-port", str(free_port()), "--gateway-api-inference-extension",
+                      "--scaler-port", str(free_port()), "--gateway-api-inference-extension", "--model-mirror",
+                      "--model-mirror-storage-class", "azurefile-csi", "--model-mirror-idle", "1",
                       log_path=tmp_path / "op.log", exe=[sys.executable, str(REPO / "tests" / "azure_operator.py")],
                       env=env).start()
         try:
@@ -132,6 +134,11 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
                 cluster.add_gpu_node(f"aks-{name}", {"kaito.sh/nodeclaim": name})
             cluster.statefulset_ready("rbac-ws")
             wait_for(lambda: state(cluster, "rbac-ws") == "Ready", 30, "Ready")
+            mirror = mirror_name("microsoft/phi-4", "default")  # rbac-ws's weights: its download's pod runs
+            wait_for(lambda: cluster.get("batch/v1", "Job", f"{mirror}-download"), 30, "the mirror's Job")
+            cluster.pod(f"{mirror}-download-x", {"job-name": f"{mirror}-download"}, {"phase": "Running",
+                                                                                  "podIP": "127.0.0.1"})
+            wait_for(lambda: ("get", "", "pods/proxy") in fake.audit, 30, "its progress asked for")
             drifted = [("v1", "ConfigMap", "rbac-tune-tuning-config"), ("v1", "Service", "rbac-rag"),
                        ("apps/v1", "Deployment", "rbac-rag"), ("apps/v1", "StatefulSet", "rbac-ws"),
                        ("batch/v1", "Job", "rbac-tune"),
@@ -159,12 +166,14 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
             wait_for(lambda: cluster.get("keda.sh/v1alpha1", "ScaledObject", "rbac-set") is None, 30, "no ScaledObject")
             cluster.delete("kaito.sh/v1beta1", "InferenceSet", "rbac-set")
             wait_for(lambda: cluster.get("kaito.sh/v1beta1", "InferenceSet", "rbac-set") is None, 40, "set deleted")
+            wait_for(lambda: not cluster.list("kaito.sh/v1alpha1", "ModelMirror"), 40, "unused mirrors deleted")
         finally:
             op.kill()
     finally:
         fake.stop()
         arm.stop()
-    objects = render({**AZURE, "features": {**AZURE["features"], "gatewayAPIInferenceExtension": True}})
+    objects = render({**AZURE, "features": {**AZURE["features"], "gatewayAPIInferenceExtension": True},
+                      "featureGates": {"ModelMirror": True}, "defaultModelMirrorStorageClass": "azurefile-csi"})
     cluster_rules = next(o for o in objects if o["kind"] == "ClusterRole")["rules"]
     lease_rules = next(o for o in objects if o["kind"] == "Role")["rules"]
     assert fake.audit, "nothing audited"

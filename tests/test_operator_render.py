@@ -271,7 +271,7 @@ def test_render_is_pure_and_owner_references_follow_the_uid():
 def test_crds():
     for crd in crds():
         assert object_errors(crd) == []
-    ws, rag, _ = crds()  # the InferenceSet's: tests/test_inferenceset.py
+    ws, rag, *_ = crds()  # the InferenceSet's: tests/test_inferenceset.py; the ModelMirror's: tests/test_model_mirror.py
     assert ws["spec"]["names"]["shortNames"] == ["wk", "wks"]
     v1beta1 = ws["spec"]["versions"][0]
     assert v1beta1["name"] == "v1beta1" and v1beta1["storage"] and v1beta1["subresources"] == {"status": {}}
@@ -294,7 +294,7 @@ def test_cli_render_crds_validate(tmp_path):
     assert json.loads(as_json.stdout)["kind"] == "List"
     done = run_cli("kaito-operator", "crds")
     assert [d["metadata"]["name"] for d in yaml.safe_load_all(done.stdout)] == [
-        "workspaces.kaito.sh", "ragengines.kaito.sh", "inferencesets.kaito.sh"]
+        "workspaces.kaito.sh", "ragengines.kaito.sh", "inferencesets.kaito.sh", "modelmirrors.kaito.sh"]
     assert run_cli("kaito-operator", "validate", "-f", str(path)).returncode == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(path.read_text().replace("phi-4\n", "phi-5\n").replace("Standard_NC24ads_A100_v4",
