@@ -82,6 +82,7 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     if mirror:  # made by the controller when missing, shared by the model's Workspaces of the namespace
         objects.append(mirror)
     mounts, volumes = _weights(plan, mirror["metadata"]["name"] if mirror else None)
+    mirror_label = {MIRROR_LABEL: mirror["metadata"]["name"]} if mirror else {}  # its users, for its collection
     if config_map:
         mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
         volumes.append({"name": "config", "configMap": {"name": config_map}})
@@ -150,7 +151,7 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     statefulset = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": parts.meta(ws, name, {**labels, **({MIRROR_LABEL: mirror["metadata"]["name"]} if mirror else {})}),
+        "metadata": parts.meta(ws, name, {**labels, **mirror_label}),
         "spec": {
             "replicas": n,
             "serviceName": headless,
