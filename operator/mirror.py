@@ -35,6 +35,7 @@ import kopf
 from kaito.presets.contract import HF_HOME_ENV, HF_TOKEN_ENV, PORT, WEIGHTS_DIR
 from kubernetes.dynamic.exceptions import ConflictError
 from prometheus_client import Gauge
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import parts
 from . import status as st
@@ -53,7 +54,6 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "kaito"}
 READY = "ModelMirrorReady"
 BYTES = Gauge("kaito_model_mirror_downloaded_bytes", "Bytes a ModelMirror's download has fetched", ["mirror"])
 TOTAL = Gauge("kaito_model_mirror_size_bytes", "Bytes of the files a ModelMirror downloads", ["mirror"])
-_METRIC = re.compile(r'^(kaito_model_download_(?:size_)?bytes)\{model="([^"]*)"\} ([0-9.e+]+)$', re.MULTILINE)
 
 
 def mirror_name(model_id: str, namespace: str) -> str:
@@ -123,7 +123,8 @@ def job_name(mirror: str) -> str:
 
 def progress(metrics: str, model: str) -> tuple[int, int] | None:
     """(bytes fetched, bytes in all) of `model` in a download's /metrics text, if it says."""
-    found = {name: float(value) for name, label, value in _METRIC.findall(metrics) if label == model}
+    found = {sample.name: sample.value for family in text_string_to_metric_families(metrics)
+             for sample in family.samples if sample.labels.get("model") == model}
     if "kaito_model_download_size_bytes" not in found:
         return None
     return int(found.get("kaito_model_download_bytes", 0)), int(found["kaito_model_download_size_bytes"])

@@ -152,7 +152,7 @@ def run_job(command: list[str], claim: str, hub: HubFake, metrics_port: int | No
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_one_download_for_two_workspaces_its_progress_and_its_end(tmp_path, hub):
     fake = KubeFake().start()
     metrics = free_port()
@@ -216,8 +216,14 @@ def test_one_download_for_two_workspaces_its_progress_and_its_end(tmp_path, hub)
         # unused (the Workspaces and so their StatefulSets gone) for longer than --model-mirror-idle: collected
         for n in "ab":
             cluster.delete(WS, "Workspace", n)
-        wait_for(lambda: not cluster.list("kaito.sh/v1alpha1", "ModelMirror"), 60, "the unused mirror deleted",
-                 every=0.5)
+        try:
+            wait_for(lambda: not cluster.list("kaito.sh/v1alpha1", "ModelMirror"), 120, "the unused mirror deleted",
+                     every=0.5)
+        except (AssertionError, TimeoutError):
+            left = [m.get("status") for m in cluster.list("kaito.sh/v1alpha1", "ModelMirror")]
+            print("mirrors:", left, "workspaces:", [w["metadata"]["name"] for w in cluster.list(WS, "Workspace")],
+                  "statefulsets:", [s["metadata"]["name"] for s in cluster.list("apps/v1", "StatefulSet")])
+            raise
         wait_for(lambda: cluster.get("batch/v1", "Job", f"{name}-download") is None, 10, "its Job gone with it")
     except Exception:
         if op:
