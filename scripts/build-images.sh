@@ -32,6 +32,11 @@ if [ "${1:-}" = --list ]; then
   for name in "${ORDER[@]}"; do echo "Dockerfiles/$name.Dockerfile ${TAG[$name]}"; done
   exit 0
 fi
+missing=$(for tool in podman runc debootstrap; do command -v "$tool" >/dev/null || echo "$tool"; done)
+if [ -n "$missing" ]; then
+  echo "build-images: missing $(echo $missing): apt-get install podman runc debootstrap" >&2
+  exit 2
+fi
 wanted=("${@:-${ORDER[@]}}")
 for name in "${wanted[@]}"; do
   [ -n "${TAG[$name]:-}" ] || { echo "build-images: unknown image $name (one of: ${ORDER[*]})" >&2; exit 2; }

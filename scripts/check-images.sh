@@ -3,8 +3,9 @@
 #   runtime-cpu  serves its baked default model; the OpenAI chat API answers "What is the capital of France?"
 #   ragservice   indexes two documents and retrieves the right one first (retrieve-only: no LLM)
 #   tuning       tunes a LoRA adapter on a tiny dataset mounted at /mnt/data, into a mounted /mnt/results
-#   operator     --help and `crds` (the five CRDs)
-#   runtime-gpu  its entry point starts (`--help`; serving needs a GPU)
+#   operator     --help and `crds` (its four CRDs)
+#   runtime-gpu  its entry point starts (`--help`), vLLM and a CUDA torch import, and the engine flags come out
+#                for an A100 SKU (serving needs a GPU)
 #
 # Usage: scripts/check-images.sh [IMAGE...]   (default: every image that exists locally; a missing one is
 # reported, not built). One line per check: name, result, seconds; appended to $state/checks.tsv.
@@ -47,7 +48,7 @@ check_operator() {
   podman run --rm "${TAG[operator]}" --help | grep -q "render"
   local kinds
   kinds=$(podman run --rm "${TAG[operator]}" crds | sed -n 's/^    kind: //p' | sort | tr '\n' ' ')
-  [ "$kinds" = "InferenceSet RAGEngine Workspace " ] || { echo "crds printed the kinds: $kinds" >&2; return 1; }
+  [ "$kinds" = "InferenceSet ModelMirror RAGEngine Workspace " ] || { echo "crds printed the kinds: $kinds" >&2; return 1; }
 }
 
 check_ragservice() {
@@ -94,7 +95,14 @@ PY
 }
 
 check_runtime_gpu() {
-  podman run --rm "${TAG[runtime-gpu]}" --help | grep -q -- "--preset"
+  local image=${TAG[runtime-gpu]} versions
+  podman run --rm "$image" --help | grep -q -- "--preset"
+  # vLLM and a CUDA build of torch import (no GPU needed), and the engine flags come out for a GPU SKU
+  versions=$(podman run --rm --entrypoint python "$image" -c \
+    'import torch, vllm; assert torch.version.cuda, "a CPU torch"; print("vllm", vllm.__version__, "torch", torch.__version__)')
+  echo "$versions" >&2
+  podman run --rm --entrypoint kaito-presets "$image" vllm-args phi-4-mini-instruct \
+    --instance-type Standard_NC24ads_A100_v4 | grep -q -- "--tensor-parallel-size 1"
 }
 
 failed=0
