@@ -32,10 +32,11 @@ if [ "${1:-}" = --list ]; then
   for name in "${ORDER[@]}"; do echo "Dockerfiles/$name.Dockerfile ${TAG[$name]}"; done
   exit 0
 fi
+# podman, the runtime podman-env.sh names, and debootstrap for the base: Debian packages, installed when missing
 missing=$(for tool in podman runc debootstrap; do command -v "$tool" >/dev/null || echo "$tool"; done)
 if [ -n "$missing" ]; then
-  echo "build-images: missing $(echo $missing): apt-get install podman runc debootstrap" >&2
-  exit 2
+  echo "build-images: installing $(echo $missing)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 wanted=("${@:-${ORDER[@]}}")
 for name in "${wanted[@]}"; do
