@@ -22,6 +22,7 @@ from .problems import DNS1123_LABEL, DNS1123_SUBDOMAIN, FieldError, ValidationFa
 from . import sizing, sources
 from .api import (
     ENABLE_LB,
+    MODEL_STREAMING,
     NODE_IMAGE_FAMILY,
     PERFORMANCE_MODE,
     RUNTIME_ANNOTATION,
@@ -348,8 +349,9 @@ def _workspace_update(new: Workspace, old: Workspace) -> list[FieldError]:
             errs.append(FieldError("tuning.preset", "Preset cannot be changed"))
         if (new.tuning.method or "").lower() != (old.tuning.method or "").lower():
             errs.append(FieldError("tuning.method", "Method cannot be changed"))
-    if new.metadata.annotations.get("kaito.sh/runtime") != old.metadata.annotations.get("kaito.sh/runtime"):
-        errs.append(FieldError("metadata.annotations[kaito.sh/runtime]", "field is immutable"))
+    for key in (RUNTIME_ANNOTATION, MODEL_STREAMING):  # upstream's: fixed at creation
+        if new.annotation(key) != old.annotation(key):
+            errs.append(FieldError(f"metadata.annotations[{key}]", "field is immutable"))
     return errs
 
 

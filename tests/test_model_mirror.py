@@ -78,6 +78,13 @@ def test_when_the_weights_come_from_elsewhere_there_is_no_mirror():
     assert "ModelMirror" not in objects(packaged)
 
 
+def test_the_opt_out_is_fixed_at_creation_as_upstreams():
+    old, new = parse(inference("a")), inference("a")
+    new["metadata"]["annotations"] = {MODEL_STREAMING: "disabled"}
+    assert [str(e) for e in validate(parse(new), old=old)] == [
+        "metadata.annotations[kaito.sh/model-streaming]: field is immutable"]
+
+
 def test_a_mirror_is_a_claim_and_a_download_job_it_owns():
     doc = objects(inference("a"))["ModelMirror"]
     doc["metadata"]["uid"] = "u-1"
