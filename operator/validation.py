@@ -17,8 +17,6 @@ from kaito.presets.catalogue import MIG_PROFILE
 from kaito.presets.contract import GUARDRAILS_POLICY_FILE, INFERENCE_CONFIG_FILE, TUNING_CONFIG_FILE
 from kaito.presets.hub import HubError, UnsupportedArchitectureError
 
-from .problems import DNS1123_LABEL, DNS1123_SUBDOMAIN, FieldError, ValidationFailed
-
 from . import sizing, sources
 from .api import (
     ENABLE_LB,
@@ -32,6 +30,7 @@ from .api import (
     ResourceSpec,
     Workspace,
 )
+from .problems import DNS1123_LABEL, DNS1123_SUBDOMAIN, FieldError, ValidationFailed
 
 TUNING_METHODS = ("lora", "qlora")
 RUNTIMES = ("vllm", "transformers")
