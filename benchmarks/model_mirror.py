@@ -30,20 +30,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import procs  # benchmarks/ is on sys.path: scripts run from their folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers import BIN, free_port  # noqa: E402
-from hub_fake import HubFake, files_of  # noqa: E402
+from hub_fake import HubFake, files_of
+
+BIN = Path(sys.executable).parent
 
 REPO = "kaito-bench/smollm2-135m"
 
 
-def environment(hub: HubFake, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
-                                                            "HF_HUB_CACHE")}
-    return {**env, "HF_HOME": str(home), "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+def environment(hub: HubFake, home: Path) -> dict[str, str | None]:
+    """A pod's: online, HF_HOME its volume, the Hub the fake (None: unset)."""
+    return {"HF_HOME": str(home), "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": None,
+            "TRANSFORMERS_OFFLINE": None, "HF_TOKEN": None, "HF_HUB_CACHE": None}
 
 
 def hub_bytes(hub: HubFake) -> int:
@@ -52,25 +53,13 @@ def hub_bytes(hub: HubFake) -> int:
 
 def start(hub: HubFake, home: Path) -> float:
     """Seconds from launching kaito-serve to /health 200."""
-    port = free_port()
+    port = procs.free_port()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "kaito-serve"), "--model", REPO, "--backend", "transformers", "--port",
-                             str(port)], env=environment(hub, home), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        while time.perf_counter() - t0 < 600:
-            if proc.poll() is not None:
-                raise SystemExit(f"kaito-serve exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit("kaito-serve did not become healthy in 600 s")
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    proc = procs.start([str(BIN / "kaito-serve"), "--model", REPO, "--backend", "transformers", "--port", str(port)],
+                       port, home.parent / f"{home.name}-{port}.log", env=environment(hub, home))
+    took = time.perf_counter() - t0
+    procs.stop(proc, 30)
+    return took
 
 
 def main() -> None:
@@ -92,8 +81,8 @@ def main() -> None:
         claim = tmp / "claim"
         before = hub_bytes(hub)
         t0 = time.perf_counter()
-        subprocess.run([str(BIN / "kaito-presets"), "download", REPO], env=environment(hub, claim), check=True,
-                       capture_output=True)
+        env = {k: v for k, v in {**os.environ, **environment(hub, claim)}.items() if v is not None}
+        subprocess.run([str(BIN / "kaito-presets"), "download", REPO], env=env, check=True, capture_output=True)
         job_s, job_bytes = time.perf_counter() - t0, hub_bytes(hub) - before
         before = hub_bytes(hub)
         warm = [start(hub, claim) for _ in range(args.runs)]

@@ -19,13 +19,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(argv: list[str], port: int, log: Path, env: dict[str, str] | None = None,
+def start(argv: list[str], port: int, log: Path, env: dict[str, str | None] | None = None,
           timeout: float = 600) -> subprocess.Popen:
-    """Starts `argv` in its own session (output to `log`) and returns once http://127.0.0.1:port/health
-    answers 200."""
+    """Starts `argv` in its own session (output to `log`; `env` on top of this process's, None unsetting a
+    variable) and returns once http://127.0.0.1:port/health answers 200."""
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     with log.open("w") as out:  # the child keeps its own descriptor
-        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

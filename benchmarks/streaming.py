@@ -15,48 +15,32 @@ import argparse
 import importlib.util
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import procs  # benchmarks/ is on sys.path: scripts run from their folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from helpers import BIN, free_port  # noqa: E402
+BIN = Path(sys.executable).parent
 
 LOADED = re.compile(r"Loading weights took ([0-9.]+) seconds")  # vLLM's default loader
 STREAMED = re.compile(r"Runai Model Streamer: 100% Completed \| (\d+)/\d+ \[[^,]*, ([0-9.]+)it/s\]")  # tensors, rate
 
 
 def start(config: Path, log: Path) -> tuple[float, float | None]:
-    """(seconds to /health, vLLM's weight-loading seconds) of one start."""
-    port = free_port()
+    """(seconds to /health, the weights' loading seconds from vLLM's log) of one start."""
+    port = procs.free_port()
     t0 = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "kaito-serve"), "--backend", "vllm", "--config", str(config), "--port",
-                                 str(port)], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        while time.perf_counter() - t0 < 900:
-            if proc.poll() is not None:
-                raise SystemExit(f"kaito-serve exited {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    took = time.perf_counter() - t0
-                    text = log.read_text(errors="replace")
-                    if found := LOADED.findall(text):
-                        return took, float(found[-1])
-                    streamed = STREAMED.findall(text)
-                    return took, int(streamed[-1][0]) / float(streamed[-1][1]) if streamed else None
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit("kaito-serve did not become healthy in 900 s")
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    proc = procs.start([str(BIN / "kaito-serve"), "--backend", "vllm", "--config", str(config), "--port", str(port)],
+                       port, log, timeout=900)
+    took = time.perf_counter() - t0
+    procs.stop(proc)
+    text = log.read_text(errors="replace")
+    if found := LOADED.findall(text):
+        return took, float(found[-1])
+    streamed = STREAMED.findall(text)
+    return took, int(streamed[-1][0]) / float(streamed[-1][1]) if streamed else None
 
 
 def main() -> None:
