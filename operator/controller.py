@@ -271,6 +271,9 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
         settings.networking.error_backoffs = Backoffs()
+        # a timer still running when its resource is deleted (a ModelMirror's pass deletes its own mirror)
+        # is checked again after this long before kopf removes the finalizer; kopf's default is 60 s
+        settings.background.cancellation_polling = 1
         # the handlers' blocking calls (asyncio.to_thread: deletions, cleanups, orphan checks) get as many
         # threads as the reconciles: a request retried after a backoff holds its thread meanwhile
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(cfg.workers, "kaito-handler"))
