@@ -26,7 +26,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError, UnprocessibleEntityError
 from kubernetes.watch.watch import iter_resp_lines
 from urllib3.util.retry import Retry
 
@@ -205,12 +205,37 @@ class Kube:
         meta = obj["metadata"]
         body = {**obj, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), RENDERED_HASH: rendered}}}
         res = self._res(obj["apiVersion"], obj["kind"])
-        done = slim(res.server_side_apply(body=json.dumps(body),  # as JSON: the client would walk it first
-                                          name=meta["name"], namespace=meta.get("namespace") if res.namespaced
-                                          else None, field_manager=FIELD_MANAGER, force_conflicts=True,
-                                          serializer=_plain))
+        namespace = meta.get("namespace") if res.namespaced else None
+
+        def apply() -> dict:
+            return slim(res.server_side_apply(body=json.dumps(body),  # as JSON: the client would walk it first
+                                              name=meta["name"], namespace=namespace, field_manager=FIELD_MANAGER,
+                                              force_conflicts=True, serializer=_plain))
+
+        try:
+            done = apply()
+        except UnprocessibleEntityError as e:
+            if obj["kind"] != "StatefulSet" or "spec: Forbidden" not in str(e.body):
+                raise
+            self._replace_statefulset(res, meta["name"], namespace)
+            done = apply()
         self._written[key] = done
         return done
+
+    def _replace_statefulset(self, res: Any, name: str, namespace: str | None, wait: float = 30) -> None:
+        """A StatefulSet whose fixed fields changed (its claim templates: where its pods keep weights) is
+        deleted with its pods orphaned, as `kubectl delete --cascade=orphan` does; the one applied next adopts
+        them and rolls them to its template. Returns once it is gone."""
+        log.info("re-creating a StatefulSet whose fixed fields changed", extra={"statefulset": f"{namespace}/{name}"})
+        res.delete(name=name, namespace=namespace, body={"propagationPolicy": "Orphan"})
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                res.get(name=name, namespace=namespace)
+            except NotFoundError:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"StatefulSet {namespace}/{name} still there {wait:.0f} s after its deletion")
 
     def echo(self, obj: Any) -> bool:
         """Whether a watch event's object is kaito's own last write of it (nothing new to look at). Once the

@@ -24,6 +24,7 @@ the operator uses (`tests/test_operator_controller_fake.py` pins each behaviour)
 - the status subresource: the main resource ignores `status`, `/status` changes only `status`;
 - the scale subresource of CRDs that declare one (`autoscaling/v1` Scale: GET, PUT, PATCH of
   spec.replicas at the CRD's specReplicasPath; status.replicas and selector from its status paths);
+- a StatefulSet's spec changes only in the fields the API server lets change (422 otherwise);
 - finalizers (delete sets `deletionTimestamp`; the object goes when the last finalizer does) and
   the garbage collector's cascade along `ownerReferences` (background and foreground alike; orphan
   leaves dependents);
@@ -100,6 +101,8 @@ BUILTIN = [
     Kind("karpenter.sh", "v1", "nodeclaims", "NodeClaim", namespaced=False),
 ]
 HISTORY = 200_000  # watch events kept for replay
+STATEFULSET_MUTABLE = ("replicas", "ordinals", "template", "updateStrategy", "persistentVolumeClaimRetentionPolicy",
+                       "minReadySeconds")  # the rest of its spec is fixed at creation
 
 
 def now() -> str:
@@ -455,6 +458,12 @@ class KubeFake:
                 new.pop("status", None)
                 if "status" in old:
                     new["status"] = copy.deepcopy(old["status"])
+            if kind.kind == "StatefulSet" and {k: v for k, v in (new.get("spec") or {}).items()
+                                               if k not in STATEFULSET_MUTABLE} != {
+                    k: v for k, v in (old.get("spec") or {}).items() if k not in STATEFULSET_MUTABLE}:
+                return 422, {"reason": "Invalid", "message": f"StatefulSet.apps \"{old['metadata']['name']}\" is "
+                             "invalid: spec: Forbidden: updates to statefulset spec for fields other than "
+                             f"{', '.join(repr(f) for f in STATEFULSET_MUTABLE)} are forbidden"}
             if old["metadata"].get("deletionTimestamp"):  # finalizers may only be removed now
                 new_f = set(meta.get("finalizers") or [])
                 if new_f - set(old["metadata"].get("finalizers") or []):

@@ -600,3 +600,37 @@ def test_a_body_older_than_kaitos_status_write_gets_that_status():
         assert kube.latest(after) is after
     finally:
         fake.stop()
+
+
+def test_a_statefulset_whose_fixed_fields_changed_is_made_again_with_its_pods():
+    """Kube.apply: a StatefulSet whose claim templates changed (a weights StorageClass given after it was made)
+    is deleted with its pods orphaned and applied anew; its pods stay for the new one to adopt."""
+    from kaito.operator.kube import Kube
+
+    fake = KubeFake().start()
+    try:
+        cluster = Cluster(fake.url)
+        kube = Kube(cluster.api)
+        sts = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "w", "namespace": "default"},
+               "spec": {"replicas": 1, "serviceName": "w-headless", "selector": {"matchLabels": {"app": "w"}},
+                        "template": {"metadata": {"labels": {"app": "w"}}, "spec": {
+                            "containers": [{"name": "s", "image": "s:1"}],
+                            "volumes": [{"name": "weights", "emptyDir": {}}]}}}}
+        old = kube.apply(sts)
+        cluster.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": "w-0", "namespace": "default", "labels": {"app": "w"}, "ownerReferences": [
+                {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "w", "uid": old["metadata"]["uid"],
+                 "controller": True}]}, "spec": {"containers": [{"name": "s", "image": "s:1"}]}})
+        sts["spec"]["template"]["spec"]["volumes"] = []
+        sts["spec"]["volumeClaimTemplates"] = [{"metadata": {"name": "weights"}, "spec": {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": "managed-csi",
+            "resources": {"requests": {"storage": "64Gi"}}}}]
+        new = kube.apply(sts)
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]
+        live = cluster.get("apps/v1", "StatefulSet", "w")
+        assert live["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "managed-csi"
+        pod = cluster.get("v1", "Pod", "w-0")
+        assert pod is not None and not pod["metadata"].get("ownerReferences")  # orphaned, not deleted
+        assert kube.apply(sts)["metadata"]["uid"] == new["metadata"]["uid"]  # once
+    finally:
+        fake.stop()

@@ -301,6 +301,26 @@ def test_apply_creates_and_removes_what_is_no_longer_applied(cluster, fake):
     assert e.value.status == 422
 
 
+def test_a_statefulsets_fixed_fields_do_not_change(cluster):
+    """Its replicas and pod template change; its claim templates (or service name) do not: 422, as the API
+    server answers, whether applied or patched."""
+    made = apply(cluster, sts("ssa-fixed"))
+    body = sts("ssa-fixed")
+    body["spec"]["replicas"] = 2
+    body["spec"]["template"]["spec"]["containers"][0]["image"] = "m:2"
+    assert apply(cluster, body)["spec"]["replicas"] == 2
+    body["spec"]["volumeClaimTemplates"] = [{"metadata": {"name": "weights"}, "spec": {"accessModes": ["ReadWriteOnce"]}}]
+    with pytest.raises(ApiException) as e:
+        apply(cluster, body)
+    assert e.value.status == 422 and "spec: Forbidden: updates to statefulset spec" in e.value.body
+    with pytest.raises(ApiException) as e:
+        cluster.r("apps/v1", "StatefulSet").patch(body={"spec": {"serviceName": "other"}}, name="ssa-fixed",
+                                                  namespace="default", content_type="application/merge-patch+json")
+    assert e.value.status == 422
+    assert "volumeClaimTemplates" not in cluster.get("apps/v1", "StatefulSet", "ssa-fixed")["spec"]
+    assert made["metadata"]["uid"] == cluster.get("apps/v1", "StatefulSet", "ssa-fixed")["metadata"]["uid"]
+
+
 def test_apply_conflicts_with_another_manager_unless_forced(cluster):
     apply(cluster, sts("ssa-2"))
     theirs = sts("ssa-2")
