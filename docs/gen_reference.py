@@ -47,6 +47,8 @@ ENV = {
     "KAITO_AUTO_PROVISION": "kaito-operator run: `false` is `--no-auto-provision` (bring your own nodes)",
     "KAITO_SCALER_ADDRESS": "kaito-operator run `--scaler-address`: host:port KEDA reaches the external scaler at",
     "KAITO_MODEL_MIRROR_STORAGE_CLASS": "kaito-operator run `--model-mirror-storage-class`: the StorageClass of ModelMirror claims",
+    "KAITO_WEIGHTS_STORAGE_CLASS": "kaito-operator run `--weights-storage-class`: the StorageClass of each serving "
+                                   "pod's weights claim",
     "KAITO_PROVISIONER": "kaito-operator run `--provisioner` (`none` or `azure`)",
     "KAITO_AZURE_POOL_KIND": "Azure provisioner: `aks` (agent pools, default) or `vmss` (scale sets)",
     "KAITO_AZURE_ARM_URL": "Azure provisioner: the Azure Resource Manager endpoint (default the public cloud's)",

@@ -28,6 +28,7 @@ NODE_IMAGE_FAMILY = "kaito.sh/node-image-family"  # ubuntu | azurelinux: the OS 
 USE_LOCAL_WEIGHTS = "kaito.sh/use-local-weights"  # "true": weights from the node's /opt/kaito/models/<preset>
 DISABLE_BENCHMARK = "kaito.sh/disable-benchmark"  # upstream's post-load benchmark switch
 MODEL_MIRROR_STORAGE_CLASS = "kaito.sh/model-mirror-storage-class"  # the StorageClass of its model's mirror
+WEIGHTS_STORAGE_CLASS = "kaito.sh/weights-storage-class"  # each pod's weights on a claim of this class
 MODEL_STREAMING = "kaito.sh/model-streaming"  # "disabled": no mirror, the per-pod download (upstream's opt-out)
 
 

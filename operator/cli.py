@@ -275,6 +275,10 @@ def parser() -> argparse.ArgumentParser:
                         "kaito.sh/model-mirror-storage-class overrides it)")
     o.add_argument("--model-mirror-idle", type=float, default=24 * 3600, metavar="SECONDS",
                    help="delete a mirror kaito made once no Workspace has used it this long (default: a day)")
+    o.add_argument("--weights-storage-class", default=os.environ.get("KAITO_WEIGHTS_STORAGE_CLASS"),
+                   help="without a mirror, each serving pod downloads onto a claim of its own of this StorageClass "
+                        "(ReadWriteOnce), so a restart skips the download (a Workspace's "
+                        "kaito.sh/weights-storage-class overrides it; default: an emptyDir)")
     o.set_defaults(func=cmd_run)
 
     local = sub.add_parser("local", help="run resources on this machine, without a cluster")

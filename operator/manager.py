@@ -93,7 +93,8 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
                                       **({"image_tag": args.tag} if args.tag else {}),
                                       auto_provision=args.auto_provision,
                                       model_mirror=getattr(args, "model_mirror", False),
-                                      model_mirror_storage_class=getattr(args, "model_mirror_storage_class", None)))
+                                      model_mirror_storage_class=getattr(args, "model_mirror_storage_class", None),
+                                      weights_storage_class=getattr(args, "weights_storage_class", None)))
     if args.webhook_port:  # stateless: every replica answers admission, the followers too
         _webhook(args, cfg)
     scaler_address = getattr(args, "scaler_address", None)

@@ -37,6 +37,7 @@ class RenderOptions(BaseModel):
     auto_provision: bool = True  # False: the nodes are the user's (GPU partitions are allowed)
     model_mirror: bool = False  # hub weights downloaded once per model and namespace into a ModelMirror's claim
     model_mirror_storage_class: str | None = None  # its StorageClass (ReadWriteMany), unless a Workspace names one
+    weights_storage_class: str | None = None  # without a mirror: each pod's download on a claim of this class
 
     def image(self, component: str) -> str:
         return f"{self.image_registry}/{component}:{self.image_tag}"

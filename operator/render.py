@@ -48,7 +48,7 @@ from kaito.presets.contract import (
 from kaito.presets.estimator import disk_gib
 
 from . import parts
-from .api import RAGEngine, Resource, Workspace
+from .api import WEIGHTS_STORAGE_CLASS, RAGEngine, Resource, Workspace
 from .mirror import MIRROR_LABEL, mirror_for
 from .parts import RenderOptions
 from .plan import InferencePlan, RAGPlan, TuningPlan, model_access_secret, plan_inference, plan_rag, plan_tuning
@@ -81,7 +81,7 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     mirror = mirror_for(plan, opts)
     if mirror:  # made by the controller when missing, shared by the model's Workspaces of the namespace
         objects.append(mirror)
-    mounts, volumes = _weights(plan, mirror["metadata"]["name"] if mirror else None)
+    mounts, volumes, claims = _weights(plan, mirror["metadata"]["name"] if mirror else None, opts)
     mirror_label = {MIRROR_LABEL: mirror["metadata"]["name"]} if mirror else {}  # its users, for its collection
     if config_map:
         mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
@@ -160,6 +160,9 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
             "template": {"metadata": {"labels": labels, **({"annotations": pod_annotations} if pod_annotations
                                                              else {})},
                          "spec": pod_spec},
+            **({"volumeClaimTemplates": claims,  # its pods' claims go with the Workspace (and a scale-down)
+                "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Delete"}}
+               if claims else {}),
         },
     }
     leader_selector = {**selector, "apps.kubernetes.io/pod-index": "0"} if n > 1 else selector
@@ -177,26 +180,35 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     return [*claims, *objects, service, headless_svc, statefulset]
 
 
-def _weights(plan: InferencePlan, mirror: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Where a serving pod keeps weights: an emptyDir sized for the download, the claim of the model's
-    ModelMirror or the user's PVC (presetOptions.modelWeightsPVC) (restarts skip the download), and the
-    node's folder of kaito.sh/use-local-weights (read-only)."""
+def _weights(plan: InferencePlan, mirror: str | None, opts: RenderOptions) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Where a serving pod keeps weights (its mounts, volumes and claim templates): the claim of the model's
+    ModelMirror or the user's PVC (presetOptions.modelWeightsPVC), else a claim of its own when a weights
+    StorageClass is given (kaito.sh/weights-storage-class, or the operator's), else an emptyDir sized for the
+    download (every restart downloads again); and the node's folder of kaito.sh/use-local-weights (read-only)."""
+    ws = plan.workspace
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "weights", "mountPath": WEIGHTS_DIR}]
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    preset = plan.workspace.inference.preset if plan.workspace.inference else None
+    claims: list[dict[str, Any]] = []
+    preset = ws.inference.preset if ws.inference else None
     options = preset.preset_options if preset else None
+    klass = ws.annotation(WEIGHTS_STORAGE_CLASS) or opts.weights_storage_class
     if mirror:
         volumes.append({"name": "weights", "persistentVolumeClaim": {"claimName": mirror}})
     elif options and options.model_weights_pvc:
         volumes.append({"name": "weights", "persistentVolumeClaim": {"claimName": options.model_weights_pvc}})
         if options.model_weights_sub_path:
             mounts[1]["subPath"] = options.model_weights_sub_path
+    elif klass and not plan.local_weights and plan.preset.source is None:
+        claims.append({"metadata": {"name": "weights"}, "spec": {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": klass,
+            "resources": {"requests": {"storage": f"{plan.estimate.disk_gib}Gi"}}}})
     else:
         volumes.append({"name": "weights", "emptyDir": {"sizeLimit": f"{plan.estimate.disk_gib}Gi"}})
     if plan.local_weights:
         mounts.append({"name": "local-weights", "mountPath": plan.local_weights, "readOnly": True})
         volumes.append({"name": "local-weights", "hostPath": {"path": plan.local_weights, "type": "Directory"}})
-    return mounts, volumes
+    return mounts, volumes, claims
 
 
 def render_template_workspace(ws: Workspace, opts: RenderOptions) -> list[dict[str, Any]]:

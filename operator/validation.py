@@ -20,11 +20,13 @@ from kaito.presets.hub import HubError, UnsupportedArchitectureError
 from . import sizing, sources
 from .api import (
     ENABLE_LB,
+    MODEL_MIRROR_STORAGE_CLASS,
     MODEL_STREAMING,
     NODE_IMAGE_FAMILY,
     PERFORMANCE_MODE,
     RUNTIME_ANNOTATION,
     USE_LOCAL_WEIGHTS,
+    WEIGHTS_STORAGE_CLASS,
     RAGEngine,
     Resource,
     ResourceSpec,
@@ -154,6 +156,10 @@ def _annotations(ws: Workspace) -> list[FieldError]:
     lb = ws.annotation(ENABLE_LB)
     if lb is not None and lb not in ("True", "true", "False", "false"):
         errs.append(FieldError(where(ENABLE_LB), f'{lb!r} must be "True" or "False"'))
+    for key in (MODEL_MIRROR_STORAGE_CLASS, WEIGHTS_STORAGE_CLASS):
+        klass = ws.annotation(key)
+        if klass is not None and (not DNS1123_SUBDOMAIN.match(klass) or len(klass) > 253):
+            errs.append(FieldError(where(key), f"{klass!r} is not a StorageClass name (a DNS-1123 subdomain)"))
     return errs
 
 

@@ -123,7 +123,9 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
                       log_path=tmp_path / "op.log", exe=[sys.executable, str(REPO / "tests" / "azure_operator.py")],
                       env=env).start()
         try:
-            cluster.create(inference("rbac-ws"))
+            ws = inference("rbac-ws")  # weights per pod (the InferenceSet's come from a mirror)
+            ws["metadata"]["annotations"] = {"kaito.sh/model-streaming": "disabled"}
+            cluster.create(ws)
             tune = example("kaito_workspace_tuning_phi_3.yaml", "rbac-tune")
             cluster.create(tune)
             cluster.create(example("kaito_ragengine_phi_3.yaml", "rbac-rag"))
@@ -134,7 +136,7 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
                 cluster.add_gpu_node(f"aks-{name}", {"kaito.sh/nodeclaim": name})
             cluster.statefulset_ready("rbac-ws")
             wait_for(lambda: state(cluster, "rbac-ws") == "Ready", 30, "Ready")
-            mirror = mirror_name("microsoft/phi-4", "default")  # rbac-ws's weights: its download's pod runs
+            mirror = mirror_name("microsoft/phi-4", "default")  # the InferenceSet's weights: its download runs
             wait_for(lambda: cluster.get("batch/v1", "Job", f"{mirror}-download"), 30, "the mirror's Job")
             cluster.pod(f"{mirror}-download-x", {"job-name": f"{mirror}-download"}, {"phase": "Running",
                                                                                   "podIP": "127.0.0.1"})
@@ -156,6 +158,11 @@ def test_rbac_allows_exactly_what_the_operator_does(tmp_path):
                 body={"metadata": {"labels": {"tier": None}}}, name="rbac-set-0", namespace="default",
                 content_type="application/merge-patch+json")
             wait_for(lambda: "tier" in cluster.workspace("rbac-set-0")["metadata"]["labels"], 20, "replica restored")
+            cluster.r("kaito.sh/v1beta1", "Workspace").patch(  # its weights onto claims: the StatefulSet made again
+                body={"metadata": {"annotations": {"kaito.sh/weights-storage-class": "managed-csi"}}},
+                name="rbac-ws", namespace="default", content_type="application/merge-patch+json")
+            wait_for(lambda: cluster.get("apps/v1", "StatefulSet", "rbac-ws")["spec"].get("volumeClaimTemplates"), 20,
+                     "claim templates")
             cluster.delete("kaito.sh/v1beta1", "Workspace", "rbac-ws")
             wait_for(lambda: cluster.workspace("rbac-ws") is None, 30, "deleted")
             sets = cluster.r("kaito.sh/v1beta1", "InferenceSet")  # scaled down, autoscaling off, deleted

@@ -190,6 +190,42 @@ def test_hub_weights_are_fetched_by_an_init_container(tmp_path):
         "spec"]
 
 
+def test_a_weights_storage_class_gives_each_pod_a_claim_of_its_own(tmp_path):
+    """With a weights StorageClass (the operator's, or the Workspace's annotation) a serving pod downloads onto
+    a claim of its own (a restart finds the weights there) that goes with the Workspace; a ModelMirror, the
+    user's PVC or weights on the node come first; without one, an emptyDir."""
+    path = REPO / "operator" / "examples" / "kaito_workspace_phi_4.yaml"
+    m = load(path)
+
+    def statefulset(doc: dict, **opts) -> dict:
+        res = loads(yaml.safe_dump(doc)).resources[0]
+        return by_kind(render(res, lambda kind, name: m.find(kind, name), RenderOptions(**opts)), "StatefulSet")[0]
+
+    doc = yaml.safe_load(path.read_text())
+    sts = statefulset(doc, weights_storage_class="managed-csi-premium")
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    disk = estimate(get_model("phi-4"), get_sku("Standard_NC24ads_A100_v4")).disk_gib
+    assert claim == {"metadata": {"name": "weights"}, "spec": {
+        "accessModes": ["ReadWriteOnce"], "storageClassName": "managed-csi-premium",
+        "resources": {"requests": {"storage": f"{disk}Gi"}}}}
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Delete", "whenScaled": "Delete"}
+    pod = sts["spec"]["template"]["spec"]
+    assert "weights" not in {v["name"] for v in pod["volumes"]}  # the claim is the volume
+    assert {"name": "weights", "mountPath": "/workspace/weights"} in pod["initContainers"][0]["volumeMounts"]
+    assert object_errors(sts) == []
+    doc["metadata"]["annotations"] = {"kaito.sh/weights-storage-class": "local-nvme"}
+    assert statefulset(doc)["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "local-nvme"
+    mirrored = statefulset(doc, model_mirror=True, model_mirror_storage_class="azurefile-csi")
+    assert "volumeClaimTemplates" not in mirrored["spec"]
+    doc["metadata"]["annotations"] = {"kaito.sh/use-local-weights": "true"}
+    local = statefulset(doc, weights_storage_class="managed-csi")
+    assert "volumeClaimTemplates" not in local["spec"] and "weights" in {
+        v["name"] for v in local["spec"]["template"]["spec"]["volumes"]}
+    plain = statefulset(yaml.safe_load(path.read_text()))
+    assert "volumeClaimTemplates" not in plain["spec"]
+    assert {"name": "weights", "emptyDir": {"sizeLimit": f"{disk}Gi"}} in plain["spec"]["template"]["spec"]["volumes"]
+
+
 def test_embedding_model_image_is_pulled_by_kaito_rag(tmp_path):
     doc = yaml.safe_load((REPO / "operator" / "examples" / "kaito_ragengine_phi_3.yaml").read_text())
     doc["spec"]["embedding"]["local"] = {"image": "myregistry.azurecr.io/embeddings/bge:1", "imagePullSecret": "acr"}

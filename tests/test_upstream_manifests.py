@@ -137,6 +137,8 @@ def test_partition_needs_own_nodes_and_fitting_slices():
     ({"kaito.sh/use-local-weights": "yes"}, "'yes' must be \"true\" or \"false\""),
     ({"kaito.sh/node-image-family": "windows"}, "unsupported node image family 'windows'"),
     ({"kaito.sh/enablelb": "maybe"}, "'maybe' must be \"True\" or \"False\""),
+    ({"kaito.sh/weights-storage-class": "Premium SSD"}, "'Premium SSD' is not a StorageClass name"),
+    ({"kaito.sh/model-mirror-storage-class": "-files"}, "'-files' is not a StorageClass name"),
     ({"kaito.sh/performance-mode": "throughput", "kaito.sh/runtime": "transformers"},
      "performance mode is only supported with the vLLM runtime"),
 ])
