@@ -177,9 +177,9 @@ def test_one_download_for_two_workspaces_its_progress_and_its_end(tmp_path, hub)
         assert [m["metadata"]["name"] for m in mirrors] == [name]
         job = wait_for(lambda: cluster.get("batch/v1", "Job", f"{name}-download"), 30, "the download Job")
         assert cluster.get("v1", "PersistentVolumeClaim", name)["spec"]["accessModes"] == ["ReadWriteMany"]
-        sets = wait_for(lambda: [s for s in (cluster.get("apps/v1", "StatefulSet", n) for n in "ab") if s], 30,
-                        "both StatefulSets", every=0.5)
-        assert len(sets) == 2 and {weights_volume(s)["persistentVolumeClaim"]["claimName"] for s in sets} == {name}
+        sets = wait_for(lambda: len(found := [s for s in (cluster.get("apps/v1", "StatefulSet", n) for n in "ab")
+                                              if s]) == 2 and found, 30, "both StatefulSets", every=0.5)
+        assert {weights_volume(s)["persistentVolumeClaim"]["claimName"] for s in sets} == {name}
 
         # the Job's pod: its own command, run here, held halfway through the weights
         claim = str(tmp_path / "claim")
