@@ -28,7 +28,7 @@ import re
 import shutil
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,13 +40,13 @@ from .catalogue import hub_cache
 from .hub import (
     GatedModelError,
     HubError,
+    Listing,
+    gated_message,
     hub_errors,
     hub_listing,
-    Listing,
     listing_of,
-    require_hub,
-    gated_message,
     model_files,
+    require_hub,
 )
 
 CHUNK = 1 << 22
@@ -258,9 +258,9 @@ def _digest(path: Path, length: int) -> str:
 # --- metrics ----------------------------------------------------------------------------------------
 
 
-def metrics_collector():
+def metrics_collector(progress: Mapping[str, tuple[int, int]] = _progress):
     """A prometheus-client collector of the downloads made in this process (register it in the registry a
-    server exposes): bytes in the cache and bytes in all, per model."""
+    server exposes): bytes in the cache and bytes in all, per model (`progress`: repo -> the two)."""
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.registry import Collector
 
@@ -270,7 +270,7 @@ def metrics_collector():
                                      "Bytes of the model's files in the local cache (downloaded so far)", labels=["model"])
             size = GaugeMetricFamily("kaito_model_download_size_bytes",
                                      "Bytes of the model's files that the engine loads", labels=["model"])
-            for repo, (have, total) in sorted(_progress.items()):
+            for repo, (have, total) in sorted(progress.items()):
                 done.add_metric([repo], have)
                 size.add_metric([repo], total)
             yield done

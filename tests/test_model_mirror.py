@@ -127,13 +127,9 @@ def test_progress_is_read_from_the_downloads_metrics():
     from kaito.presets import weights
     from prometheus_client import CollectorRegistry, generate_latest
 
-    weights._progress["org/m"] = (1536, 4096)
-    try:
-        registry = CollectorRegistry()
-        registry.register(weights.metrics_collector())
-        text = generate_latest(registry).decode()
-    finally:
-        weights._progress.pop("org/m")
+    registry = CollectorRegistry()
+    registry.register(weights.metrics_collector({"org/m": (1536, 4096)}))
+    text = generate_latest(registry).decode()
     assert progress(text, "org/m") == (1536, 4096)
     assert progress(text, "org/other") is None and progress("", "org/m") is None
 
