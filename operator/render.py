@@ -81,7 +81,7 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
     mirror = mirror_for(plan, opts)
     if mirror:  # made by the controller when missing, shared by the model's Workspaces of the namespace
         objects.append(mirror)
-    mounts, volumes, claims = _weights(plan, mirror["metadata"]["name"] if mirror else None, opts)
+    mounts, volumes, claim_templates = _weights(plan, mirror["metadata"]["name"] if mirror else None, opts)
     mirror_label = {MIRROR_LABEL: mirror["metadata"]["name"]} if mirror else {}  # its users, for its collection
     if config_map:
         mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
@@ -160,9 +160,10 @@ def render_inference(plan: InferencePlan, opts: RenderOptions) -> list[dict[str,
             "template": {"metadata": {"labels": labels, **({"annotations": pod_annotations} if pod_annotations
                                                              else {})},
                          "spec": pod_spec},
-            **({"volumeClaimTemplates": claims,  # its pods' claims go with the Workspace (and a scale-down)
+            # its pods' claims go with the Workspace, and with a scale-down
+            **({"volumeClaimTemplates": claim_templates,
                 "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Delete"}}
-               if claims else {}),
+               if claim_templates else {}),
         },
     }
     leader_selector = {**selector, "apps.kubernetes.io/pod-index": "0"} if n > 1 else selector
