@@ -6,20 +6,23 @@ field manager `kaito`, skipped when nothing changed; owner references cascade de
 NodeClaims, pods and workload observed and the tuning or serving state decided (observe.py), and the status
 written when it changed (status.py: conditions as upstream names them, Events).
 
-Reads come from watch caches of slimmed objects (kube.slim): kopf indexes of nodes and ConfigMap
-versions, and watches of kaito's own objects, NodeClaims and pods (kube.Informer). A reconcile reads the
-API only for a ConfigMap its resource names at a version it has not read yet, and for Secrets, so a
+Reads come from watch caches (kube.Informer): the Workspaces and RAGEngines whole, and slimmed
+(kube.slim) the nodes, ConfigMap versions, kaito's own objects, NodeClaims and pods. A reconcile reads
+the API only for a ConfigMap its resource names at a version it has not read yet, and for Secrets, so a
 resync of a settled resource makes no request.
 
-kopf wiring: one daemon per Workspace / RAGEngine runs its reconciles, at most `workers` at once on a
-thread pool; it runs again when the resource or an object it owns changes (their watches poke it;
-kaito's own writes coming back do not), every `resync` seconds (drift), and after a failure with
-exponential backoff and jitter. The resources' node label selectors, kept as their events come, map
-node events to the resources to look again at, and tell which NodeClaims have lost their resource: one
-whose resource is still unknown ORPHAN_GRACE after it was seen (every NodeClaim is seen when the
-operator starts), and the API says is gone, is deleted; a resource deleted without its finalizer has its
-NodeClaims deleted at once. The finalizer deletes a resource's NodeClaims (and so their cloud capacity) before the
-resource goes.
+The resources are watched by kaito, not kopf (whose per-object event handling cost a third of the
+operator's CPU): one asyncio task per Workspace / RAGEngine adds the finalizer, runs its reconciles, at
+most `workers` at once on a thread pool, and runs again when the resource or an object it owns changes
+(their watches poke it; kaito's own writes coming back do not), every `resync` seconds (drift), and
+after a failure with exponential backoff and jitter. kopf runs the startup and cleanup, the InferenceSet
+and ModelMirror controllers and the Azure provisioner.
+
+The resources' node label selectors, kept as their events come, map node events to the resources to
+look again at, and tell which NodeClaims have lost their resource: one whose resource is still unknown
+ORPHAN_GRACE after it was seen (every NodeClaim is seen when the operator starts), and the API says is
+gone, is deleted; a resource deleted without its finalizer has its NodeClaims deleted at once. The
+finalizer keeps a resource until its NodeClaims (and so their cloud capacity) are gone.
 
 Without auto-provisioning (bring your own nodes) no NodeClaims are made: the nodes come from the
 resource's label selector, and their GPUs from the NVIDIA feature-discovery labels.
@@ -38,7 +41,7 @@ import kopf
 from kaito.presets import PresetError
 from kaito.presets.estimator import memo
 from kubernetes.client.exceptions import ApiException
-from kubernetes.dynamic.exceptions import ConflictError
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import status as st
@@ -46,8 +49,9 @@ from .api import Workspace
 from .cluster import (
     NODECLAIM,
 )
-from .kube import Informer, Kube, backoff, digest, selects, slim
+from .kube import Informer, Kube, backoff, digest, selects
 from .manifests import ManifestError, parse
+from .meta import API_VERSION, GROUP
 from .observe import (
     Seen,
     node_conditions,
@@ -57,7 +61,6 @@ from .observe import (
     size_from_nodes,
     tuning_state,
 )
-from .meta import API_VERSION, GROUP, VERSION
 from .render import RenderOptions, render
 from .validation import ValidationFailed
 
@@ -215,18 +218,15 @@ ORPHAN_GRACE = 10.0  # seconds a NodeClaim's resource may be missing from the ca
 
 
 def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) -> None:
-    """The controller's handlers, in `registry` (kopf.run(registry=...)).
-
-    Watch caches hold objects slimmed (kube.slim), on the event loop. kopf indexes, which kopf fills from
-    its first listing before any handler runs (their functions are async: kopf calls them on its loop, not
-    through a thread): `kaito_nodes` by name, `kaito_configmap_versions` (namespace -> each ConfigMap's
-    name and resourceVersion). The objects kaito made (NodeClaims too) and its pods come from watches of
-    their own (kube.Informer: the API server selects kaito's by label, where kopf would watch every pod
-    and Service and spend its bookkeeping on each event), kept by resource in `rendered` and `pods`; a
-    reconcile starts once they have listed. The resources' node label selectors are kept by their event
-    handler (`selectors`: an index would cost kopf a handler call per event). A NodeClaim whose resource
-    is not there is an orphan suspect: deleted when, ORPHAN_GRACE later, it is still not there and the
-    API says it is gone."""
+    """The controller's startup and cleanup, in `registry` (kopf.run(registry=...)); the startup starts the
+    watches (kube.Informer, each in a thread, handing changes to the event loop), and a reconcile starts
+    once they have all listed: the Workspaces and RAGEngines whole (`bodies`; each gets its task in
+    `loops`), the nodes slimmed (`nodes`, by name), every ConfigMap's version (`config_maps`), the
+    objects kaito made (NodeClaims too) and its pods slimmed, selected by label at the API server, kept by
+    resource in `rendered` and `pods`. The resources' node label selectors are kept in `selectors`. A
+    NodeClaim whose resource is not there is an orphan suspect: deleted when, ORPHAN_GRACE later, it is
+    still not there and the API says it is gone. kopf keeps one index, `kaito_configmap_versions`, for
+    the InferenceSet controller."""
     pokes: dict[tuple[str, str, str], asyncio.Event] = {}
     rendered: dict[tuple[str, str, str], dict[tuple[str, str], dict]] = {}  # resource -> (kind, name) -> object
     pods: dict[tuple[str, str, str], dict[str, dict]] = {}  # resource -> name -> pod
@@ -236,6 +236,11 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
     collector: list[asyncio.Task] = []
     states: dict[tuple[str, str, str], str] = {}
     nodes_seen: dict[str, str] = {}  # node name -> digest of what a reconcile reads of it
+    nodes: dict[str, dict] = {}  # node name -> node (slimmed)
+    config_maps: dict[str, dict[str, str]] = {}  # namespace -> ConfigMap name -> resourceVersion
+    bodies: dict[tuple[str, str, str], dict] = {}  # resource -> the resource, as its watch last showed it
+    loops: dict[tuple[str, str, str], asyncio.Task] = {}  # resource -> its keep_reconciled
+    cleanups: set[asyncio.Task] = set()  # the NodeClaim cleanups of resources gone
     kube_holder: list[Kube] = []
     pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="kaito-reconcile")
     workers = asyncio.Semaphore(cfg.workers)
@@ -277,8 +282,16 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
         # the handlers' blocking calls (asyncio.to_thread: deletions, cleanups, orphan checks) get as many
         # threads as the reconciles: a request retried after a backoff holds its thread meanwhile
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(cfg.workers, "kaito-handler"))
+        watched = [*WATCHED, NODECLAIM, ("v1", "Node"), *((API_VERSION, kind) for kind in LABELS)]
+
+        def discover() -> Kube:
+            k = kube()
+            for api_version, kind in watched:
+                k.resource(api_version, kind)
+            return k
+
         try:
-            k = await asyncio.to_thread(kube)  # discovery once, before the handlers run
+            k = await asyncio.to_thread(discover)  # discovery once, before the watches start
         except ApiException as e:  # the API failed past the client's retries: try again soon, not in kopf's 60 s
             raise kopf.TemporaryError(f"discovery failed: {e.status} {e.reason}", delay=backoff(retry + 1, cap=30))
         loop = asyncio.get_running_loop()
@@ -288,61 +301,98 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
                                           if kind == "Pod" else seen_object, loop, namespace).start())
         for label in LABELS.values():  # cluster scoped; kaito's carry their resource's labels
             informers.append(Informer(k, *NODECLAIM, label, seen_claim, loop).start())
+        informers.append(Informer(k, "v1", "Node", "", seen_node, loop).start())
+        for namespace in cfg.namespaces or [None]:
+            informers.append(Informer(k, "v1", "ConfigMap", "", seen_config_map, loop, namespace).start())
+            for kind in LABELS:  # whole objects: what a reconcile renders
+                informers.append(Informer(k, API_VERSION, kind, "", seen_resource, loop, namespace, full=True).start())
         collector.append(loop.create_task(collect_orphans()))
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
-        for task in collector:
+        for task in [*collector, *loops.values()]:
             task.cancel()
         for informer in informers:
             informer.stop()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    async def by_name(body: kopf.Body, **_: Any) -> dict:
-        return {body["metadata"]["name"]: slim(body)}
-
     async def versions(body: kopf.Body, **_: Any) -> dict:
         return {body["metadata"]["namespace"]: (body["metadata"]["name"], body["metadata"]["resourceVersion"])}
 
-    def observe(key: tuple[str, str, str], body: kopf.Body, indexes: dict[str, Any]) -> Seen:
-        """What the caches hold for one resource (on the event loop: kopf changes its indexes there)."""
+    kopf.index("", "v1", "configmaps", registry=registry, id="kaito_configmap_versions")(versions)  # InferenceSets'
+
+    def observe(key: tuple[str, str, str], body: dict) -> Seen:
+        """What the caches hold for one resource (on the event loop, where the watches change them)."""
         namespace = key[1]
         objects = dict(rendered.get(key, {}))
         its_pods = list(pods.get(key, {}).values())
-        nodes = indexes["kaito_nodes"]
         spec = _compute_of(body)
         names = {*(spec.get("preferredNodes") or []), *((p.get("spec") or {}).get("nodeName") for p in its_pods),
                  *((o.get("status") or {}).get("nodeName") for o in objects.values() if o["kind"] == "NodeClaim")}
-        seen = {name: node for name in names if name for node in nodes.get(name, ())}
+        seen = {name: nodes[name] for name in names if name in nodes}
         sel = spec.get("labelSelector") or {}
         if not cfg.auto_provision and (sel.get("matchLabels") or sel.get("matchExpressions")):
-            seen |= {name: node for name, found in nodes.items() for node in found
+            seen |= {name: node for name, node in nodes.items()
                      if selects(node["metadata"].get("labels") or {}, sel.get("matchLabels"),
                                 sel.get("matchExpressions"))}
-        return Seen(objects, its_pods, seen, dict(indexes["kaito_configmap_versions"].get(namespace, ())))
+        return Seen(objects, its_pods, seen, dict(config_maps.get(namespace, {})))
 
-    async def keep_reconciled(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
-        kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
-        key = (kind, ns, name)
+    async def keep_reconciled(key: tuple[str, str, str]) -> None:
+        """A resource's life in the operator, from its first event to its last: its finalizer added, its
+        reconciles (again on a poke, every resync, after a failure with backoff), and once it is being deleted
+        its cleanup (its NodeClaims gone) before the finalizer is removed."""
+        kind, ns, name = key
         event = pokes.setdefault(key, asyncio.Event())
         failures = 0
-        stopping = asyncio.ensure_future(stopped.wait())
         try:
-            while not stopped:
+            while (body := bodies.get(key)) is not None:
                 event.clear()
-                wait = cfg.resync
-                if FINALIZER in (body["metadata"].get("finalizers") or []):  # kopf adds it first; that pokes us
-                    wait, failures = await run(key, body, kwargs, failures)
-                waiter = asyncio.ensure_future(event.wait())
-                await asyncio.wait([waiter, stopping], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                meta = body["metadata"]
+                pause = None  # seconds to wait whatever pokes come (a cleanup or finalizer that failed)
+                try:
+                    if meta.get("deletionTimestamp"):
+                        wait = None
+                        if FINALIZER in (meta.get("finalizers") or []):
+                            left = await delete(body)
+                            if left:
+                                log.info("waiting for NodeClaims to go", extra={"resource": f"{ns}/{name}",
+                                                                                 "left": left})
+                                pause = 2.0
+                            else:
+                                done = await asyncio.to_thread(kube().finalize, body, FINALIZER, False)
+                                if key in bodies:  # not gone yet: its DELETED event ends this
+                                    bodies[key] = done
+                                failures = 0
+                    else:
+                        if FINALIZER not in (meta.get("finalizers") or []):  # before anything is made
+                            body = await asyncio.to_thread(kube().finalize, body, FINALIZER, True)
+                            if key not in bodies:
+                                continue
+                            bodies[key] = body
+                        wait, failures = await run(key, body, failures)
+                except ConflictError:  # it changed while we looked: its change pokes us
+                    wait = random.uniform(0.1, 0.3)
+                except NotFoundError:  # gone: its DELETED event ends this
+                    wait = None
+                except Exception as e:  # noqa: BLE001 - retried with backoff
+                    failures += 1
+                    pause = backoff(failures)
+                    log.warning("finalizer or cleanup failed", extra={"kind": kind, "resource": f"{ns}/{name}",
+                                                                      "retry_in_s": round(pause, 1),
+                                                                      "error": str(e)[:500]})
+                if pause is not None:
+                    await asyncio.sleep(pause)
+                    continue
+                try:
+                    await asyncio.wait_for(event.wait(), wait)
+                except TimeoutError:
+                    pass
         finally:
-            stopping.cancel()
             pokes.pop(key, None)
+            loops.pop(key, None)
             count(key, None)
 
-    async def run(key: tuple[str, str, str], body: kopf.Body, indexes: dict[str, Any],
-                  failures: int) -> tuple[float, int]:
+    async def run(key: tuple[str, str, str], body: dict, failures: int) -> tuple[float, int]:
         """One reconcile on the worker pool, the caches read as it starts; returns (seconds until the next,
         failures in a row)."""
         kind, ns, name = key
@@ -353,7 +403,7 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
             RECONCILES.labels(kind).inc()
             try:
                 state = await asyncio.get_running_loop().run_in_executor(pool, reconcile, kube(), cfg, dict(body),
-                                                                         observe(key, body, indexes))
+                                                                         observe(key, body))
                 if state:
                     count(key, state)
                 return cfg.resync * random.uniform(0.9, 1.1), 0  # resyncs spread out
@@ -368,19 +418,35 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
             finally:
                 DURATION.labels(kind).observe(time.perf_counter() - t0)
 
-    async def on_change(body: kopf.Body, type: str, **_: Any) -> None:
-        """The resource changed: keep its node label selector, and look again at it (unless it is its own
-        status write coming back); gone, also when its finalizer was removed by hand: its NodeClaims go too."""
+    def seen_resource(type: str, body: dict) -> None:
+        """A Workspace or RAGEngine changed: keep it and its node label selector, and look again at it
+        (unless it is its own write coming back); new: its loop starts; gone (also when its finalizer was
+        removed by hand): its loop ends and its NodeClaims go too."""
         key = (body["kind"], body["metadata"]["namespace"], body["metadata"]["name"])
         if type == "DELETED":
+            bodies.pop(key, None)
             selectors.pop(key, None)
             kube().forget(body)
-            await asyncio.to_thread(cleanup, kube(), *key)
+            poke(key)
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(cleanup, kube(), *key))
+            cleanups.add(task)  # held until done
+            task.add_done_callback(cleanups.discard)
             return
+        bodies[key] = body
         sel = _compute_of(body).get("labelSelector") or {}
         selectors[key] = (sel.get("matchLabels") or {}, sel.get("matchExpressions") or [])
-        if not kube().echo(body):
+        if key not in loops:
+            loops[key] = asyncio.get_running_loop().create_task(keep_reconciled(key))
+        elif not kube().echo(body):
             poke(key)
+
+    def seen_config_map(type: str, cm: dict) -> None:
+        """The versions of a namespace's ConfigMaps: a reconcile reads one again only at a new version."""
+        namespace, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
+        if type == "DELETED":
+            config_maps.get(namespace, {}).pop(name, None)
+        else:
+            config_maps.setdefault(namespace, {})[name] = cm["metadata"]["resourceVersion"]
 
     def keep(key: tuple[str, str, str] | None, obj: dict, type: str) -> bool:
         """Keep an object kaito renders (slimmed) in the cache; whether it is news to its resource (not the
@@ -414,16 +480,18 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
                 found[pod["metadata"]["name"]] = pod
             poke(key)
 
-    async def on_node(body: kopf.Body, type: str, **_: Any) -> None:
-        """A node changed what a reconcile reads of it: look again at the resources it may serve (its
-        NodeClaim's, and those whose label selector picks it)."""
+    def seen_node(type: str, body: dict) -> None:
+        """A node changed what a reconcile reads of it: keep it, and look again at the resources it may serve
+        (its NodeClaim's, and those whose label selector picks it)."""
         name, labels = body["metadata"]["name"], body["metadata"].get("labels") or {}
-        view = digest({k: v for k, v in slim(body).items() if k != "metadata"} | {"labels": labels})
+        view = digest({k: v for k, v in body.items() if k != "metadata"} | {"labels": labels})
         if type == "DELETED":
+            nodes.pop(name, None)
             nodes_seen.pop(name, None)
-        elif nodes_seen.get(name) == view:
-            return
         else:
+            nodes[name] = body
+            if nodes_seen.get(name) == view:
+                return
             nodes_seen[name] = view
         if key := owner(labels, None):
             poke(key)
@@ -431,20 +499,10 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
             if (match or exprs) and selects(labels, match, exprs):
                 poke(key)
 
-    async def on_delete(body: kopf.Body, retry: int, **_: Any) -> None:
-        """Delete the resource's NodeClaims; retried by kopf until none is left (an API error that outlasted
-        the client's retries: after a jittered backoff, not kopf's default 60 s)."""
-        try:
-            await delete(body)
-        except ApiException as e:
-            raise kopf.TemporaryError(f"cleanup failed: {e.status} {e.reason}", delay=backoff(retry + 1, cap=30))
-
-    async def delete(body: kopf.Body) -> None:
+    async def delete(body: dict) -> int:
+        """The resource is being deleted: say so in its status and delete its NodeClaims; returns how many
+        are still there (its loop asks again until none is)."""
         kind, ns, name = body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
-        for _ in range(150):  # a reconcile still running could make a claim after the cleanup: let it end
-            if (kind, ns, name) not in pokes:
-                break
-            await asyncio.sleep(0.1)
         k = kube()
         deleting = st.Cond(st.DELETING[kind], True, "Deleting", "deleting the resource's NodeClaims and objects")
         old = ((await asyncio.to_thread(k.get, API_VERSION, kind, name, ns)) or body).get("status") or {}
@@ -452,9 +510,7 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
                                 {"conditions": st.conditions(old.get("conditions"),
                                                              st.kept(old, st.DELETING[kind]) + [deleting])},
                                 uid=body["metadata"].get("uid"))
-        left = await asyncio.to_thread(cleanup, k, kind, ns, name)
-        if left:
-            raise kopf.TemporaryError(f"waiting for {left} NodeClaim(s) to go", delay=2)
+        return await asyncio.to_thread(cleanup, k, kind, ns, name)
 
     def seen_claim(type: str, claim: dict) -> None:
         """A NodeClaim changed: keep it and look again at its resource; one whose resource the index lacks
@@ -483,11 +539,3 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
                 except Exception as e:  # noqa: BLE001 - the next time it is seen, it is looked at again
                     log.warning("orphan check failed", extra={"nodeclaim": name, "error": str(e)[:300]})
 
-    for kind, plural in (("workspace", "workspaces"), ("ragengine", "ragengines")):
-        kopf.daemon(GROUP, VERSION, plural, registry=registry, id=f"reconcile-{plural}",
-                    cancellation_timeout=10.0)(keep_reconciled)
-        kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"changed-{plural}")(on_change)
-        kopf.on.delete(GROUP, VERSION, plural, registry=registry, id=f"cleanup-{plural}")(on_delete)
-    kopf.index("", "v1", "configmaps", registry=registry, id="kaito_configmap_versions")(versions)
-    kopf.index("", "v1", "nodes", registry=registry, id="kaito_nodes")(by_name)
-    kopf.on.event("", "v1", "nodes", registry=registry, id="nodes")(on_node)

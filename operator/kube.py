@@ -169,7 +169,8 @@ class Kube:
         with self._lock:
             self.dyn = DynamicClient(api_client, cache_file=cache)
 
-    def _res(self, api_version: str, kind: str):
+    def resource(self, api_version: str, kind: str):
+        """The DynamicClient's resource of a kind (discovered once, under the lock)."""
         key = (api_version, kind)
         if key not in self._resources:
             with self._lock:
@@ -178,13 +179,13 @@ class Kube:
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict | None:
         try:
-            return self._res(api_version, kind).get(name=name, namespace=namespace, serializer=_plain)
+            return self.resource(api_version, kind).get(name=name, namespace=namespace, serializer=_plain)
         except NotFoundError:
             return None
 
     def list(self, api_version: str, kind: str, namespace: str | None = None, selector: str = "") -> list[dict]:
-        found = self._res(api_version, kind).get(namespace=namespace, label_selector=selector or None,
-                                                 serializer=_plain)
+        found = self.resource(api_version, kind).get(namespace=namespace, label_selector=selector or None,
+                                                     serializer=_plain)
         return found["items"]
 
     def apply(self, obj: dict, cache: Mapping[tuple[str, str], dict] | None = None) -> dict:
@@ -204,7 +205,7 @@ class Kube:
                 return known
         meta = obj["metadata"]
         body = {**obj, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), RENDERED_HASH: rendered}}}
-        res = self._res(obj["apiVersion"], obj["kind"])
+        res = self.resource(obj["apiVersion"], obj["kind"])
         namespace = meta.get("namespace") if res.namespaced else None
 
         def apply() -> dict:
@@ -282,7 +283,7 @@ class Kube:
         return lookup
 
     def create(self, obj: dict) -> dict:
-        res = self._res(obj["apiVersion"], obj["kind"])
+        res = self.resource(obj["apiVersion"], obj["kind"])
         ns = obj["metadata"].get("namespace") if res.namespaced else None
         return res.create(body=obj, namespace=ns, field_manager=FIELD_MANAGER, serializer=_plain)
 
@@ -305,8 +306,22 @@ class Kube:
                                                               _request_timeout=(5, 10))
 
     def patch(self, api_version: str, kind: str, name: str, namespace: str | None, body: dict) -> dict:
-        return self._res(api_version, kind).patch(body=body, name=name, namespace=namespace, content_type=MERGE,
-                                                  field_manager=FIELD_MANAGER, serializer=_plain)
+        return self.resource(api_version, kind).patch(body=body, name=name, namespace=namespace,
+                                                      content_type=MERGE, field_manager=FIELD_MANAGER,
+                                                      serializer=_plain)
+
+    def finalize(self, obj: dict, finalizer: str, present: bool) -> dict:
+        """Add (or remove) `finalizer` on `obj`, only if it is still at the version given (else kubernetes'
+        ConflictError); returns the object as written. The write is remembered like kaito's others, so its
+        watch event is not news."""
+        meta = obj["metadata"]
+        have = list(meta.get("finalizers") or [])
+        want = [f for f in have if f != finalizer] + ([finalizer] if present else [])
+        done = self.resource(obj["apiVersion"], obj["kind"]).patch(
+            body={"metadata": {"finalizers": want, "resourceVersion": meta["resourceVersion"]}}, name=meta["name"],
+            namespace=meta.get("namespace"), content_type=MERGE, field_manager=FIELD_MANAGER, serializer=_plain)
+        self._written[_ref(done)] = slim(done)  # its watch event is an echo
+        return done
 
     def patch_status(self, api_version: str, kind: str, name: str, namespace: str | None, status: dict,
                      resource_version: str | None = None) -> None:
@@ -315,13 +330,14 @@ class Kube:
         body: dict = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        done = self._res(api_version, kind).status.patch(body=body, name=name, namespace=namespace, content_type=MERGE,
-                                                         field_manager=FIELD_MANAGER, serializer=_plain)
+        done = self.resource(api_version, kind).status.patch(body=body, name=name, namespace=namespace,
+                                                             content_type=MERGE, field_manager=FIELD_MANAGER,
+                                                             serializer=_plain)
         self._written[_ref(done)] = slim(done)  # its watch event is an echo
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         try:
-            self._res(api_version, kind).delete(name=name, namespace=namespace)
+            self.resource(api_version, kind).delete(name=name, namespace=namespace)
             return True
         except NotFoundError:
             return False
@@ -332,13 +348,14 @@ class Informer:
     listed, then watched from the listing's resourceVersion; a watch that ends, or fails (after the client's
     retries, and a backoff of its own), is resumed from the last version seen; one the API server answers
     410 Gone lists again. It runs in a thread of its own and hands each change to `notify(type, object)` on
-    the event loop, slimmed (an object a new listing lacks as DELETED); `listed` (an asyncio.Event of that
+    the event loop, slimmed unless `full` (an object a new listing lacks as DELETED); `listed` (an asyncio.Event of that
     loop) is set once the first listing is handed over."""
 
     def __init__(self, kube: Kube, api_version: str, kind: str, selector: str,
-                 notify: Callable[[str, dict], None], loop: Any, namespace: str | None = None) -> None:
+                 notify: Callable[[str, dict], None], loop: Any, namespace: str | None = None,
+                 full: bool = False) -> None:
         self.kube, self.api_version, self.kind, self.selector = kube, api_version, kind, selector
-        self.notify, self.loop, self.namespace = notify, loop, namespace
+        self.notify, self.loop, self.namespace, self.full = notify, loop, namespace, full
         self.listed = asyncio.Event()
         self._known: set[tuple[str, str]] = set()  # (namespace, name) of what the cache holds
         self._stopped = False
@@ -358,7 +375,7 @@ class Informer:
         else:
             self._known.add(key)
         if not self._stopped:
-            self.loop.call_soon_threadsafe(self.notify, type_, slim(obj))
+            self.loop.call_soon_threadsafe(self.notify, type_, obj if self.full else slim(obj))
 
     def _list(self, res: Any) -> str:
         found = res.get(namespace=self.namespace, label_selector=self.selector, serializer=_plain)
@@ -375,7 +392,7 @@ class Informer:
         version, failures = None, 0
         while not self._stopped:
             try:
-                res = self.kube._res(self.api_version, self.kind)
+                res = self.kube.resource(self.api_version, self.kind)
                 version = version or self._list(res)
                 resp = res.get(namespace=self.namespace, label_selector=self.selector, watch=True, serialize=False,
                                resource_version=version, allow_watch_bookmarks=True, timeout_seconds=300,
