@@ -241,14 +241,17 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
     bodies: dict[tuple[str, str, str], dict] = {}  # resource -> the resource, as its watch last showed it
     loops: dict[tuple[str, str, str], asyncio.Task] = {}  # resource -> its keep_reconciled
     cleanups: set[asyncio.Task] = set()  # the NodeClaim cleanups of resources gone
+    cleaned: set[tuple[str, str, str]] = set()  # resources whose finalizer went after their NodeClaims did
     kube_holder: list[Kube] = []
     pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="kaito-reconcile")
     workers = asyncio.Semaphore(cfg.workers)
 
     def kube() -> Kube:
         if not kube_holder:
-            # a connection for each worker and handler thread, and each watch (held while it streams)
-            watches = len(WATCHED) * max(1, len(cfg.namespaces)) + len(LABELS)
+            # a connection for each worker and handler thread, and each watch (held while it streams): in each
+            # namespace kaito's objects, ConfigMaps and the resources; cluster-wide NodeClaims and nodes; and
+            # the InferenceSets' Workspaces (their controller's client shares these connections)
+            watches = (len(WATCHED) + 1 + len(LABELS)) * max(1, len(cfg.namespaces)) + len(LABELS) + 2
             kube_holder.append(kube_factory(connections=2 * cfg.workers + watches))
         return kube_holder[0]
 
@@ -359,6 +362,7 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
                                                                                  "left": left})
                                 pause = 2.0
                             else:
+                                cleaned.add(key)  # its DELETED event needs no cleanup
                                 done = await asyncio.to_thread(kube().finalize, body, FINALIZER, False)
                                 if key in bodies:  # not gone yet: its DELETED event ends this
                                     bodies[key] = done
@@ -420,14 +424,17 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
 
     def seen_resource(type: str, body: dict) -> None:
         """A Workspace or RAGEngine changed: keep it and its node label selector, and look again at it
-        (unless it is its own write coming back); new: its loop starts; gone (also when its finalizer was
-        removed by hand): its loop ends and its NodeClaims go too."""
+        (unless it is its own write coming back); new: its loop starts; gone: its loop ends, and its
+        NodeClaims go too unless its loop saw them gone (not so when its finalizer was removed by hand)."""
         key = (body["kind"], body["metadata"]["namespace"], body["metadata"]["name"])
         if type == "DELETED":
             bodies.pop(key, None)
             selectors.pop(key, None)
             kube().forget(body)
             poke(key)
+            if key in cleaned:
+                cleaned.discard(key)
+                return
             task = asyncio.get_running_loop().create_task(asyncio.to_thread(cleanup, kube(), *key))
             cleanups.add(task)  # held until done
             task.add_done_callback(cleanups.discard)

@@ -12,6 +12,7 @@ the error only once they are spent.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import logging
@@ -24,8 +25,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes import client, config
-from kubernetes.dynamic import DynamicClient
 from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError, UnprocessibleEntityError
 from kubernetes.watch.watch import iter_resp_lines
 from urllib3.util.retry import Retry
@@ -168,6 +169,13 @@ class Kube:
             api_client = client.ApiClient(cfg)
         with self._lock:
             self.dyn = DynamicClient(api_client, cache_file=cache)
+
+    def sibling(self) -> Kube:
+        """A client on this one's connections and discovery, with a record of writes of its own: for a
+        controller whose writes another controller must see as news, not as the echo of its own."""
+        other = copy.copy(self)
+        other._written, other._config_maps = {}, {}
+        return other
 
     def resource(self, api_version: str, kind: str):
         """The DynamicClient's resource of a kind (discovered once, under the lock)."""

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
     kopf.on.login(registry=registry)(kopf.login_via_client)
     shared: list[Kube] = []
 
-    def kube(connections: int = 0) -> Kube:  # one client (and one record of kaito's writes) for all handlers
+    def kube(connections: int = 0) -> Kube:  # one client for all handlers (and one record of kaito's writes)
         if not shared:
             shared.append(Kube(connections=connections))
         return shared[0]
@@ -120,7 +120,8 @@ def run(args: argparse.Namespace, azure_credential: object = None) -> int:
 
     register_sets(registry, SetConfig(auto_provision=cfg.auto_provision, resync=cfg.resync, render=cfg.render,
                                       scaler_address=scaler_address, gateway=getattr(args, "gateway", False),
-                                      epp_image=getattr(args, "epp_image", None) or EPP_IMAGE))
+                                      epp_image=getattr(args, "epp_image", None) or EPP_IMAGE),
+                kube_factory=lambda: kube().sibling())  # the sets write Workspaces: news to their controller
     if cfg.render.model_mirror:
         from .mirror import register as register_mirrors
 
