@@ -167,6 +167,29 @@ def counts(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def plot(rows: list[dict], out: Path) -> None:
+    """Throughput by count, baseline and operator, as operator_reconcile.png in `out`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for mode in ("baseline", "operator"):
+            sel = [r for r in rows if r["mode"] == mode and "rss_mib" not in r]
+            ax.plot([r["workspaces"] for r in sel], [r["workspaces_per_s"] for r in sel], marker="o", label=mode)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("Workspaces created at once")
+        ax.set_ylabel("Workspaces/s")
+        ax.set_title("kaito-operator reconcile throughput (API fake, 2 cores)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "operator_reconcile.png", dpi=120)
+    except ImportError:
+        print("matplotlib not installed (the bench extra): no plot", file=sys.stderr)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", type=counts, nargs="+", default=[[200, 1000, 5000]],
@@ -211,24 +234,7 @@ def main() -> None:
                          f"(peak {r['rss_peak_mib']} MiB).")
     (out / "operator_reconcile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for mode in ("baseline", "operator"):
-            sel = [r for r in rows if r["mode"] == mode and "rss_mib" not in r]
-            ax.plot([r["workspaces"] for r in sel], [r["workspaces_per_s"] for r in sel], marker="o", label=mode)
-        ax.set_xlabel("Workspaces created at once")
-        ax.set_ylabel("Workspaces/s")
-        ax.set_title("kaito-operator reconcile throughput (API fake, 2 cores)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "operator_reconcile.png", dpi=120)
-    except ImportError:
-        print("matplotlib not installed (the bench extra): no plot", file=sys.stderr)
+    plot(rows, out)
 
 
 if __name__ == "__main__":
