@@ -49,7 +49,7 @@ from .api import Workspace
 from .cluster import (
     NODECLAIM,
 )
-from .kube import Informer, Kube, backoff, digest, selects
+from .kube import Informer, Kube, backoff, digest, newer, selects
 from .manifests import ManifestError, parse
 from .meta import API_VERSION, GROUP
 from .observe import (
@@ -340,6 +340,12 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
                                 sel.get("matchExpressions"))}
         return Seen(objects, its_pods, seen, dict(config_maps.get(namespace, {})))
 
+    def keep_written(key: tuple[str, str, str], body: dict) -> None:
+        """kaito's own write of a resource, kept unless it is gone (its DELETED event ends its loop) or the
+        watch brought a newer version already."""
+        if key in bodies and newer(body, bodies[key]):
+            bodies[key] = body
+
     async def keep_reconciled(key: tuple[str, str, str]) -> None:
         """A resource's life in the operator, from its first event to its last: its finalizer added, its
         reconciles (again on a poke, every resync, after a failure with backoff), and once it is being deleted
@@ -363,16 +369,12 @@ def register(registry: kopf.OperatorRegistry, cfg: Config, kube_factory=Kube) ->
                                 pause = 2.0
                             else:
                                 cleaned.add(key)  # its DELETED event needs no cleanup
-                                done = await asyncio.to_thread(kube().finalize, body, FINALIZER, False)
-                                if key in bodies:  # not gone yet: its DELETED event ends this
-                                    bodies[key] = done
+                                keep_written(key, await asyncio.to_thread(kube().finalize, body, FINALIZER, False))
                                 failures = 0
                     else:
                         if FINALIZER not in (meta.get("finalizers") or []):  # before anything is made
-                            body = await asyncio.to_thread(kube().finalize, body, FINALIZER, True)
-                            if key not in bodies:
-                                continue
-                            bodies[key] = body
+                            keep_written(key, await asyncio.to_thread(kube().finalize, body, FINALIZER, True))
+                            continue  # with the finalizer (or a newer version the watch brought)
                         wait, failures = await run(key, body, failures)
                 except ConflictError:  # it changed while we looked: its change pokes us
                     wait = random.uniform(0.1, 0.3)

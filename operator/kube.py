@@ -113,7 +113,7 @@ def _ref(obj: dict) -> tuple[str, str, str, str]:
     return obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
 
 
-def _newer(a: dict, b: dict) -> bool:
+def newer(a: dict, b: dict) -> bool:
     """Whether `a` is a later version of the same object than `b` (resourceVersions are etcd revisions,
     compared as integers as client-go's mutation cache does)."""
     return int(a["metadata"]["resourceVersion"]) > int(b["metadata"]["resourceVersion"])
@@ -207,7 +207,7 @@ class Kube:
         mine = self._written.get(key)
         if cache is not None and mine is not None:
             live = cache.get((obj["kind"], obj["metadata"]["name"]))
-            known = live if live is not None and not _newer(mine, live) else mine
+            known = live if live is not None and not newer(mine, live) else mine
             if not known["metadata"].get("deletionTimestamp") and known.get(APPLIED) == mine.get(APPLIED) and (
                     known["metadata"].get("annotations") or {}).get(RENDERED_HASH) == rendered:
                 return known
@@ -263,7 +263,7 @@ class Kube:
         seen yet), with that write's status and resourceVersion: what the object is now, as nothing else
         could change it in between (the write was made over the version before)."""
         mine = self._written.get(_ref(obj))
-        if mine is None or not _newer(mine, obj):
+        if mine is None or not newer(mine, obj):
             return obj
         return {**obj, "metadata": {**obj["metadata"], "resourceVersion": mine["metadata"]["resourceVersion"]},
                 "status": mine.get("status") or {}}

@@ -5,12 +5,15 @@ condition that changes. The controller, the Azure provisioner and the local runn
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .kube import Kube
+
+log = logging.getLogger("kaito.operator")
 
 # --- condition types ---------------------------------------------------------------------------------
 
@@ -156,5 +159,6 @@ def event(kube: Kube, involved: dict[str, Any], reason: str, message: str, *, wa
     }
     try:
         kube.create(body)
-    except Exception:  # noqa: BLE001 - events are informational
-        pass
+    except Exception as e:  # noqa: BLE001 - events are informational: said in the log, not retried
+        log.warning("event not posted", extra={"object": f"{ns}/{involved['name']}", "reason": reason,
+                                               "error": str(e)[:300]})
