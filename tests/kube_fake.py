@@ -4,9 +4,9 @@ The real `kubernetes` client and kopf talk to it over HTTP. It answers as kube-a
 the operator uses (`tests/test_operator_controller_fake.py` pins each behaviour):
 
 - discovery (`/version`, `/api`, `/apis`, `/api/v1`, `/apis/G/V`, with `R/status` subresources);
-- create (201, `generateName`, 409 AlreadyExists, 422 without a name), get (404), list with label
-  and field selectors, PUT (409 Conflict on a stale `metadata.resourceVersion`), PATCH (JSON merge
-  patch; strategic merge patch read as a merge patch; JSON patch), DELETE;
+- create (201, `generateName`: a taken name drawn again, 409 AlreadyExists, 422 without a name), get
+  (404), list with label and field selectors, PUT (409 Conflict on a stale `metadata.resourceVersion`),
+  PATCH (JSON merge patch; strategic merge patch read as a merge patch; JSON patch), DELETE;
 - server-side apply (PATCH `application/apply-patch+yaml`, `fieldManager` required, `force`):
   `metadata.managedFields` per manager, operation and subresource (fieldsV1); an apply creates a
   missing object (audited as patch and create, as the API server authorizes it), sets what the
@@ -101,6 +101,7 @@ BUILTIN = [
     Kind("karpenter.sh", "v1", "nodeclaims", "NodeClaim", namespaced=False),
 ]
 HISTORY = 200_000  # watch events kept for replay
+NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # of generated names, as the API server draws them
 STATEFULSET_MUTABLE = ("replicas", "ordinals", "template", "updateStrategy", "persistentVolumeClaimRetentionPolicy",
                        "minReadySeconds")  # the rest of its spec is fixed at creation
 
@@ -391,13 +392,18 @@ class KubeFake:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
 
+    def _generate(self, kind: Kind, ns: str, prefix: str) -> str:
+        """A name for `generateName`: the prefix and 5 characters of the API server's alphabet, drawn again
+        while the name is taken (as the API server does since Kubernetes 1.31, up to 8 draws)."""
+        for _ in range(8):
+            name = prefix + "".join(random.choices(NAME_ALPHABET, k=5))
+            if (self.kkey(kind), ns, name) not in self.objects:
+                break
+        return name
+
     def create(self, kind: Kind, ns: str | None, body: dict, manager: str | None = None,
                operation: str = "Update") -> tuple[int, dict]:
         meta = body.setdefault("metadata", {})
-        if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-        if not meta.get("name"):
-            return 422, {"reason": "Invalid", "message": f"{kind.kind}: metadata.name: Required value"}
         if kind.namespaced:
             if meta.get("namespace") and ns and meta["namespace"] != ns:
                 return 400, {"reason": "BadRequest", "message": "the namespace of the object does not match the "
@@ -405,6 +411,10 @@ class KubeFake:
             meta["namespace"] = ns or meta.get("namespace") or "default"
         else:
             meta.pop("namespace", None)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = self._generate(kind, meta.get("namespace", ""), meta["generateName"])
+        if not meta.get("name"):
+            return 422, {"reason": "Invalid", "message": f"{kind.kind}: metadata.name: Required value"}
         key = (self.kkey(kind), meta.get("namespace", ""), meta["name"])
         if key in self.objects:
             return 409, {"reason": "AlreadyExists", "message": f'{kind.plural} "{meta["name"]}" already exists'}

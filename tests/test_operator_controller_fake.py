@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import kube_fake
 import pytest
 from kube_fake import KubeFake, decode, label_match
 from kube_sim import Cluster
@@ -52,6 +53,15 @@ def test_create_is_201_and_duplicates_are_409(cluster, core):
     assert e.value.status == 422
     made = core.create_namespaced_config_map("default", {"metadata": {"generateName": "gen-"}})
     assert made.metadata.name.startswith("gen-") and len(made.metadata.name) > 4
+
+
+def test_generated_names_are_drawn_again_while_taken(core, monkeypatch):
+    """As the API server since 1.31: a generated name that is taken is drawn again, not answered 409. With
+    3 letters (243 names) 40 creates of one prefix collide at least once in 29 of 30 runs."""
+    monkeypatch.setattr(kube_fake, "NAME_ALPHABET", "bcd")
+    names = {core.create_namespaced_config_map("default", {"metadata": {"generateName": "few-"}}).metadata.name
+             for _ in range(40)}
+    assert len(names) == 40 and all(n[4:] and set(n[4:]) <= set("bcd") for n in names)
 
 
 def test_resource_version_conflicts_and_noop_writes(cluster, core):
